@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import sys
 import tempfile
 import typing
@@ -24,8 +25,14 @@ class UserError(Exception):
 
 
 def run_main(main, settings_classes, argv=None):
-    """Parse settings, call `main(*settings)`, report a UserError as one line and exit 2."""
+    """Parse settings, call `main(*settings)`, report a UserError as one line and exit 2.
+
+    `settings_classes` is a tuple of dataclasses, or a function of argv returning one (for settings
+    whose fields depend on another flag, like dpo.py's loss hyperparameters).
+    """
     try:
+        if callable(settings_classes):
+            settings_classes = settings_classes(list(sys.argv[1:] if argv is None else argv))
         settings = parse_settings(settings_classes, argv)
         return main(*settings)
     except UserError as e:
@@ -85,6 +92,11 @@ def parse_settings(settings_classes, argv=None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(settings_classes)
+
+    def error(message):  # argparse would print the whole usage first; one line is enough
+        raise UserError(f"{message} (see --help)")
+
+    parser.error = error
     parser.add_argument("--config", default=None, help="YAML file of settings; flags override it")
     known, _ = parser.parse_known_args(argv)
     if known.config:
@@ -186,7 +198,8 @@ def load_rows(data: str, required: dict[str, type | tuple] | None = None, split:
     try:
         ds = datasets.load_from_disk(data) if Path(data).is_dir() else datasets.load_dataset(data, split=split)
     except Exception as e:  # datasets raises many types for a bad path or id
-        raise UserError(f"{data}: cannot load as a dataset ({type(e).__name__}: {e})")
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{data}: not found or cannot load as a dataset ({type(e).__name__}: {first_line})")
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise UserError(f"{data}: no split {split!r} (has {', '.join(ds)})")
@@ -309,11 +322,15 @@ def save_hf_model(model, tokenizer, out_dir: str | os.PathLike, state_dict=None,
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
     try:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        for name, content in (extra_files or {}).items():  # text, or bytes copied as they are
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
         if out_dir.exists():  # replace an older copy: move it aside first, so one is always whole
             old = out_dir.with_name(f".{out_dir.name}.old")
             _rmtree(old)
@@ -398,13 +415,40 @@ def pad_batch(sequences: list[list[int]], response_masks: list[list[int]], pad_i
     return ids, attn, resp
 
 
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device=None):
+    """Right-padded `input_ids`, `attention_mask`, `response_mask` [B, T] for (prompt ids, response
+    ids) pairs; the response mask is 1 exactly on the response's ids."""
+    ids, attn, resp = pad_batch([p + r for p, r in examples], [[0] * len(p) + [1] * len(r) for p, r in examples],
+                                pad_id)
+    return ids.to(device), attn.to(device), resp.to(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-sequence log-probabilities. logp(y) = sum over response tokens of log pi(y_t | x, y_<t), in
-# float32, computed chunk by chunk over the sequence so that no [B, T, V] float32 tensor exists.
+# float32, computed chunk by chunk so that no [B, T, V] float32 tensor exists.
 
 def _chunk_token_logps(lm_head, hidden, targets):
+    # logit[target] - logsumexp(logits) == log_softmax(logits)[target], without a second [N, V] tensor
     logits = lm_head(hidden).float()
-    return torch.gather(logits.log_softmax(-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _chunked_logps(lm_head, hidden, targets, chunk_size: int, checkpoint_chunks: bool):
+    """`_chunk_token_logps` over the positions (dim -2) of [B, T, H] or [N, H] hidden states, a chunk
+    at a time. Under autograd each chunk's logits are recomputed in backward (activation
+    checkpointing), so only one chunk's logits are ever alive."""
+    from torch.utils.checkpoint import checkpoint
+
+    dim = hidden.dim() - 2
+    out = []
+    for start in range(0, hidden.shape[dim], chunk_size):
+        width = min(chunk_size, hidden.shape[dim] - start)
+        h, t = hidden.narrow(dim, start, width), targets.narrow(dim, start, width)
+        if checkpoint_chunks:
+            out.append(checkpoint(_chunk_token_logps, lm_head, h, t, use_reentrant=False))
+        else:
+            out.append(_chunk_token_logps(lm_head, h, t))
+    return torch.cat(out, dim=dim) if out else hidden.new_zeros(targets.shape, dtype=torch.float32)
 
 
 def token_logps(model, input_ids, attention_mask, position_ids=None, chunk_size: int = 256,
@@ -412,29 +456,476 @@ def token_logps(model, input_ids, attention_mask, position_ids=None, chunk_size:
     """log pi(input_ids[:, t] | input_ids[:, :t]) for t >= 1, as a float32 [B, T-1] tensor.
 
     The decoder runs once; the LM head and log-softmax run on `chunk_size` positions at a time.
-    Under autograd each chunk is recomputed in backward (activation checkpointing), so only one
-    chunk's logits are alive at any moment.
     """
-    from torch.utils.checkpoint import checkpoint
-
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids, use_cache=False).last_hidden_state
-    hidden, targets = hidden[:, :-1], input_ids[:, 1:]
-    lm_head = model.get_output_embeddings()
     if checkpoint_chunks is None:
         checkpoint_chunks = torch.is_grad_enabled()
-    out = []
-    for start in range(0, hidden.shape[1], chunk_size):
-        h, t = hidden[:, start:start + chunk_size], targets[:, start:start + chunk_size]
-        if checkpoint_chunks:
-            out.append(checkpoint(_chunk_token_logps, lm_head, h, t, use_reentrant=False))
-        else:
-            out.append(_chunk_token_logps(lm_head, h, t))
-    return torch.cat(out, dim=1)
+    return _chunked_logps(model.get_output_embeddings(), hidden[:, :-1], input_ids[:, 1:], chunk_size,
+                          checkpoint_chunks)
 
 
-def sequence_logps(model, input_ids, attention_mask, response_mask, position_ids=None, chunk_size: int = 256):
-    """Sum of response-token log-probs per sequence, float32 [B]; `response_mask` marks the tokens
-    of `input_ids` that belong to the response (EOS included)."""
-    logps = token_logps(model, input_ids, attention_mask, position_ids, chunk_size)
-    return (logps * response_mask[:, 1:].to(logps.dtype)).sum(-1)
+def sequence_logps(model, input_ids, attention_mask, response_mask, position_ids=None, chunk_size: int = 1024):
+    """Sum of response-token log-probs per sequence, float32 [B]; `response_mask` [B, T] marks the
+    tokens of `input_ids` that belong to the response (EOS included).
+
+    The LM head runs only where the next token is a response token: those hidden states are packed
+    into [N, H] (N = response tokens in the batch) and go through the head `chunk_size` tokens at a
+    time, so prompt and padding positions cost no LM-head work and the peak is chunk_size x V floats.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False).last_hidden_state
+    predicts_response = response_mask[:, 1:].bool()  # hidden state t predicts token t + 1
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts_response)
+    logps = _chunked_logps(model.get_output_embeddings(), hidden[:, :-1][predicts_response],
+                           input_ids[:, 1:][predicts_response], chunk_size, torch.is_grad_enabled())
+    return logps.new_zeros(input_ids.shape[0]).index_add(0, rows[predicts_response], logps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: what sft.py and dpo.py share. The policy is wrapped in `SequenceLogps`, whose forward
+# returns per-sequence response log-probs; under torchrun `wrap_policy` shards it with FSDP2, and
+# every other line of a training loop is the same on one process or many.
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def setting(default, help: str):
+    """A dataclass field with its default and its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """The knobs of every training script; sft.py and dpo.py subclass it and change some defaults."""
+    model: str = setting("", "starting model: a local Hugging Face directory or a hub id")
+    data: str = setting("", "training data: a JSONL file, a directory saved by `datasets`, or a hub dataset id")
+    output_dir: str = setting("", "gets the trained model (a Hugging Face directory), settings.json, metrics.jsonl, "
+                                  "data_stats.json; checkpoints while training")
+    seed: int = setting(0, "seed of the data order")
+    resume: bool = setting(False, "continue from the last checkpoint in output_dir, if there is one")
+    epochs: int = setting(1, "passes over the data")
+    max_steps: int = setting(-1, "optimizer steps (cycling through the data); -1: as many as `epochs` give")
+    batch_size: int = setting(64, "examples (pairs, for dpo.py) per optimizer step, over all processes")
+    grad_accum: int = setting(1, "micro-steps per optimizer step; a micro-batch is batch_size / (processes * grad_accum)")
+    lr: float = setting(1e-5, "peak learning rate (AdamW, betas 0.9/0.999)")
+    lr_schedule: typing.Literal["constant", "linear", "cosine"] = setting(
+        "cosine", "after warm-up: constant, or a linear or cosine decay to 0 at the last step")
+    warmup_steps: int = setting(0, "linear warm-up steps")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    max_grad_norm: float = setting(1.0, "clip the global gradient norm to this; 0: no clipping")
+    max_length: int = setting(1024, "at most this many tokens per sequence: prompt + response + EOS")
+    max_prompt_length: int = setting(512, "longer prompts lose tokens from the left (their end matters most)")
+    truncate_responses: bool = setting(False, "cut a response that would pass max_length, instead of dropping "
+                                              "its example")
+    bucket_batches: int = setting(32, "length bucketing: a shuffled epoch is sorted by length within windows of "
+                                      "this many batches, then the batches are shuffled; 1: within a batch only")
+    save_every: int = setting(200, "write a resumable checkpoint every this many steps (only the last is kept); "
+                                   "0: never")
+    dtype: typing.Literal["float32", "bfloat16"] = setting(
+        "float32", "parameter dtype, also of the saved model; on GPU the compute runs in bfloat16 either way")
+    activation_checkpointing: bool = setting(False, "recompute each decoder layer in backward: less memory, "
+                                                    "about a third more compute")
+    chunk_size: int = setting(1024, "response tokens per LM-head chunk; the log-prob peak is chunk_size x vocab floats")
+    trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
+
+
+def check_train_settings(s: TrainSettings, d: Dist) -> None:
+    if s.batch_size < 1 or s.grad_accum < 1 or s.batch_size % (d.world_size * s.grad_accum):
+        raise UserError(f"--batch_size {s.batch_size} must be a positive multiple of processes x --grad_accum "
+                        f"({d.world_size} x {s.grad_accum})")
+    if not 0 < s.max_prompt_length < s.max_length:
+        raise UserError(f"need 0 < --max_prompt_length ({s.max_prompt_length}) < --max_length ({s.max_length})")
+    if s.epochs < 1 and s.max_steps < 1:
+        raise UserError("need --epochs >= 1 or --max_steps >= 1")
+
+
+def require_input(path: str, default: str, make_it: str) -> None:
+    """A default input that does not exist yet: say in one line which command makes it."""
+    if path == default and not Path(path).exists():
+        raise UserError(f"{path}: not found; run `{make_it}` first")
+
+
+def encode_prompts(tokenizer, prompts) -> list[list[int]]:
+    """`encode_prompt` for many prompts in one tokenizer call."""
+    if not prompts:
+        return []
+    texts = [format_prompt(tokenizer, p) for p in prompts]
+    return tokenizer(texts, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+
+
+def encode_responses(tokenizer, responses) -> list[list[int]]:
+    """`encode_response` for many responses in one tokenizer call."""
+    if not responses:
+        return []
+    ids = tokenizer([response_text(r) for r in responses], add_special_tokens=False)["input_ids"]
+    return [x + [tokenizer.eos_token_id] for x in ids]
+
+
+def fit_to_length(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,
+                  truncate_responses: bool):
+    """(prompt, responses, prompt_was_cut, responses_were_cut), or None to drop the example.
+
+    A prompt longer than max_prompt_length loses tokens from the left. A response that would pass
+    max_length is cut on the right if truncate_responses, else the example is dropped (a cut
+    response has no EOS: training on it teaches the model not to stop).
+    """
+    prompt_cut = len(prompt) > max_prompt_length
+    if prompt_cut:
+        prompt = prompt[len(prompt) - max_prompt_length:]
+    room = max_length - len(prompt)
+    responses_cut = any(len(r) > room for r in responses)
+    if responses_cut:
+        if not truncate_responses:
+            return None
+        responses = [r[:room] for r in responses]
+    return prompt, responses, prompt_cut, responses_cut
+
+
+def count_steps(n_examples: int, s: TrainSettings) -> tuple[int, int]:
+    """(steps per epoch, total steps); a last partial batch of an epoch is dropped."""
+    per_epoch = n_examples // s.batch_size
+    if per_epoch == 0:
+        raise UserError(f"{s.data}: {n_examples} usable examples, fewer than one batch (--batch_size {s.batch_size})")
+    return per_epoch, (s.max_steps if s.max_steps > 0 else s.epochs * per_epoch)
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, bucket_batches: int) -> list[list[int]]:
+    """One epoch's global batches of example indices: a function of (lengths, seed, epoch) only, so
+    every process, and a run on any number of processes, sees the same batches.
+
+    The epoch is shuffled and cut into windows of `bucket_batches` batches; each window is sorted by
+    length and cut into batches (a batch holds similar lengths, so padding stays small), and the
+    batch order is shuffled. Each batch comes out sorted by length. A last partial batch is dropped.
+    """
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    order = order[: len(order) // batch_size * batch_size]
+    window = batch_size * max(1, bucket_batches)
+    batches = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def global_batches(lengths: list[int], s: TrainSettings, start_step: int, total_steps: int):
+    """Yield (step, global batch) for steps start_step .. total_steps - 1, cycling through epochs."""
+    per_epoch = len(lengths) // s.batch_size
+    batches = None
+    for step in range(start_step, total_steps):
+        epoch, i = divmod(step, per_epoch)
+        if batches is None or i == 0:
+            batches = epoch_batches(lengths, s.batch_size, s.seed, epoch, s.bucket_batches)
+        yield step, batches[i]
+
+
+def micro_batches(batch: list[int], world_size: int, rank: int, grad_accum: int) -> list[list[int]]:
+    """This process's micro-batches of a (length-sorted) global batch, one per micro-step: the batch
+    is cut into world_size x grad_accum contiguous pieces and micro-step a of rank r takes piece
+    a * world_size + r, so the processes of one micro-step get similar lengths."""
+    size = len(batch) // (world_size * grad_accum)
+    pieces = [batch[i * size:(i + 1) * size] for i in range(world_size * grad_accum)]
+    return [pieces[a * world_size + rank] for a in range(grad_accum)]
+
+
+def lr_at(step: int, s: TrainSettings, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (from 0): linear warm-up, then the schedule. A pure
+    function of the step, so the step is all of the scheduler's state a checkpoint needs."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, total_steps - s.warmup_steps)
+    if s.lr_schedule == "linear":
+        return s.lr * (1 - progress)
+    if s.lr_schedule == "cosine":
+        return s.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return s.lr
+
+
+class SequenceLogps(torch.nn.Module):
+    """A causal LM whose forward returns per-sequence response log-probs, float32 [B]
+    (`sequence_logps`).
+
+    Why a module: `sequence_logps` calls the decoder and the LM head directly, never the LM's own
+    forward, so under FSDP2 the LM's root parameters (embeddings, final norm, LM head) must belong
+    to a module whose forward does run, for its hooks to gather them: this one, sharded as the root.
+    """
+
+    def __init__(self, model, chunk_size: int = 1024, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, input_ids, attention_mask, response_mask):
+        import contextlib
+
+        autocast = (torch.autocast(input_ids.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            return sequence_logps(self.model, input_ids, attention_mask, response_mask, chunk_size=self.chunk_size)
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model (the classes in its `_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UserError(f"{type(model).__name__}: cannot find its decoder layers (no _no_split_modules)")
+    return layers
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def wrap_policy(model, d: Dist, chunk_size: int = 1024, activation_checkpointing: bool = False) -> SequenceLogps:
+    """`model` on d.device, wrapped for training. Under torchrun, FSDP2: `fully_shard` on every
+    decoder layer, then on the wrapper as the root (embeddings, final norm, LM head), with bf16
+    compute and fp32 gradient reduction on GPU. One process: the bare model (bf16 autocast on GPU).
+
+    The model stays in eval mode: dropout is off while training, so the policy's log-probs are the
+    same function the reference log-probs were computed with.
+    """
+    model.to(d.device).eval()
+    if activation_checkpointing:  # the forward is wrapped in place: parameter names stay as they are
+        for layer in decoder_layers(model):
+            layer.forward = _checkpointed(layer.forward)
+    cuda = d.device.type == "cuda"
+    if d.world_size == 1:
+        fp32 = next(model.parameters()).dtype == torch.float32
+        return SequenceLogps(model, chunk_size, torch.bfloat16 if cuda and fp32 else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    policy = SequenceLogps(model, chunk_size)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(policy, mp_policy=mp)
+    return policy
+
+
+def set_gradient_sync(policy, enabled: bool) -> None:
+    """FSDP2 reduce-scatters gradients only on the last micro-step of a step; no-op on one process."""
+    if hasattr(policy, "set_requires_gradient_sync"):
+        policy.set_requires_gradient_sync(enabled)
+
+
+def reshard(policy) -> None:
+    """After a forward without backward (a no-grad pass), FSDP2 leaves the root's parameters gathered
+    and registered in place of the sharded ones; put the sharded ones back (what an optimizer must
+    hold). No-op on one process."""
+    if hasattr(policy, "reshard"):
+        policy.reshard()
+
+
+def clip_grad_norm(policy, max_norm: float) -> float:
+    """Clip the global gradient norm (0: do not clip) and return it (before clipping)."""
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def all_reduce_sum(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
+    if d.world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def progress(iterable, d: Dist, total: int, initial: int, desc: str):
+    """A tqdm bar on rank 0 (TQDM_DISABLE=1 turns it off)."""
+    from tqdm.auto import tqdm
+
+    off = {} if d.is_main else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE
+    return tqdm(iterable, total=total, initial=initial, desc=desc, dynamic_ncols=True, **off)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per optimizer step, appended and flushed by rank 0.
+
+    On resume the rows after the checkpoint's step (written by the interrupted run, about to be
+    redone) are dropped first, so every step appears once.
+    """
+
+    def __init__(self, path: str | os.PathLike, d: Dist, resume_step: int = 0):
+        self.file = None
+        if not d.is_main:
+            return
+        path = Path(path)
+        kept = []
+        if resume_step and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+                if row.get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
+        self.file = open(path, "a", encoding="utf-8")
+
+    def log(self, row: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+# Checkpoints: output_dir/checkpoint-STEP, written with torch.distributed.checkpoint (each process
+# writes its shards; any number of processes can load them). Only tensors go through DCP, which
+# loads them with torch.load(weights_only=True); the rest (step, optimizer hyperparameters, RNG
+# states) is JSON. The learning rate is a pure function of the step (`lr_at`).
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    found = sorted(p for p in Path(out_dir).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit())
+    return found[-1] if found else None
+
+
+def _train_state(policy, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    optim = get_optimizer_state_dict(policy, optimizer)
+    return {"model": get_model_state_dict(policy), "optimizer": optim["state"]}, optim["param_groups"]
+
+
+def _rng_state() -> dict:
+    import base64
+
+    def encode(t):
+        return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+    version, state, gauss = random.getstate()
+    out = {"python": [version, list(state), gauss], "torch": encode(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        out["cuda"] = encode(torch.cuda.get_rng_state())
+    return out
+
+
+def _set_rng_state(state: dict) -> None:
+    import base64
+
+    def decode(text):
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    torch.set_rng_state(decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(decode(state["cuda"]))
+
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, policy, optimizer, d: Dist, info: dict | None = None) -> Path:
+    """Write output_dir/checkpoint-STEP (model, optimizer, step, RNG states) and delete older ones.
+
+    Atomic: every process writes into a temporary directory, then rank 0 renames it, so a
+    checkpoint directory is either complete or absent; an interrupted save leaves the last one.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    out_dir = Path(out_dir)
+    final, tmp = out_dir / f"checkpoint-{step:08d}", out_dir / f".checkpoint-{step:08d}.tmp"
+    if d.is_main:
+        _rmtree(tmp)
+    barrier(d)
+    state, param_groups = _train_state(policy, optimizer)
+    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    atomic_write_text(tmp / f"rng_rank{d.rank}.json", json.dumps(_rng_state()))
+    barrier(d)
+    if d.is_main:
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(
+            {**(info or {}), "step": step, "world_size": d.world_size, "param_groups": param_groups}, indent=1))
+        _rmtree(final)
+        os.replace(tmp, final)
+        for old in out_dir.glob("checkpoint-*"):
+            if old != final:
+                _rmtree(old)
+    barrier(d)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, policy, optimizer, d: Dist) -> dict:
+    """Load a `save_checkpoint` directory into policy and optimizer (resharding as needed); return
+    its trainer_state.json (with "step": the optimizer steps already done)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    path = Path(path)
+    info = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    state, _ = _train_state(policy, optimizer)
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    set_model_state_dict(policy, state["model"])
+    set_optimizer_state_dict(policy, optimizer, {"state": state["optimizer"], "param_groups": info["param_groups"]})
+    rng = path / f"rng_rank{d.rank}.json"
+    if rng.exists():  # absent when resuming on more processes than saved: the data order needs no RNG
+        _set_rng_state(json.loads(rng.read_text(encoding="utf-8")))
+    return info
+
+
+def start_training(s: TrainSettings) -> tuple[Dist, Path | None] | None:
+    """The common start of sft.py and dpo.py: (Dist, the checkpoint to resume from or None), or None
+    when output_dir already holds the final model (a rerun is a no-op). A checkpoint found without
+    --resume is an error rather than silently overwritten; leftovers of an interrupted save go."""
+    from transformers.utils import logging
+
+    out = Path(s.output_dir)
+    if final_model_exists(out):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{out} already holds the trained model; nothing to do (remove it to train again)")
+        return None
+    logging.disable_progress_bar()  # one bar, ours; not transformers' per-file ones
+    d = setup_distributed()
+    check_train_settings(s, d)
+    if d.is_main:
+        for tmp in out.glob(".checkpoint-*.tmp"):
+            _rmtree(tmp)
+    ckpt = latest_checkpoint(out)
+    if ckpt and not s.resume:
+        raise UserError(f"{out}: holds {ckpt.name} of an earlier run; pass --resume to continue it, "
+                        "or choose another --output_dir")
+    torch.manual_seed(s.seed)
+    return d, ckpt
+
+
+def final_model_exists(out_dir: str | os.PathLike) -> bool:
+    p = Path(out_dir)
+    return (p / "config.json").is_file() and any((p / n).is_file() for n in ("model.safetensors",
+                                                                            "model.safetensors.index.json"))
+
+
+def note_changed_settings(out_dir: str | os.PathLike, settings: dict, d: Dist) -> None:
+    """On resume, print the settings that differ from the ones the run was started with."""
+    path = Path(out_dir) / "settings.json"
+    if not d.is_main or not path.exists():
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    changed = [f"{k}: {before[k]!r} -> {v!r}" for k, v in settings.items() if k in before and before[k] != v
+               and k != "resume"]
+    if changed:
+        print(f"note: resuming with changed settings ({'; '.join(changed)})")
+
+
+def save_final_model(policy: SequenceLogps, tokenizer, out_dir: str | os.PathLike, d: Dist,
+                     keep=("settings.json", "metrics.jsonl", "data_stats.json")) -> None:
+    """Gather the full state dict onto rank 0's CPU and write output_dir as a Hugging Face model
+    directory (`save_hf_model`, atomic). The run's small files named in `keep` are carried into it;
+    checkpoints, no longer needed, leave with the old directory."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.is_main:
+        out_dir = Path(out_dir)
+        extra = {name: (out_dir / name).read_bytes() for name in keep if (out_dir / name).is_file()}
+        save_hf_model(policy.model, tokenizer, out_dir, state_dict=state, extra_files=extra)
+    barrier(d)

@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny Llama with a small locally trained tokenizer, and tiny data files.
+
+Everything is built on the spot (no downloads): a byte-level BPE tokenizer trained with the
+`tokenizers` library on a few sentences, with <pad>/<bos>/<eos> and a chat template; a 2-layer Llama
+(hidden 32, tied embeddings) from a seeded config; preference and SFT rows from seeded word lists.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("the a cat dog bird sat ran flew on over under mat park tree list name give three four "
+         "fruits colors apple pear plum red blue green quick brown fox jumps lazy and or not").split()
+CHAT_TEMPLATE = (  # <bos><|user|>list three fruits<|assistant|>apple, pear, plum<eos>
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def sentence(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def make_tokenizer(vocab_size: int = 320, chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer (any text encodes, nothing is <unk>) trained on seeded sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [sentence(rng, 3, 12) for _ in range(300)] + ["<|user|>", "<|assistant|>", "<|system|>"] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   chat_template=chat_template, clean_up_tokenization_spaces=False)
+
+
+def make_model(tokenizer, seed: int = 0, **overrides):
+    """A tiny LlamaForCausalLM matching `tokenizer`, float32, eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(vocab_size=-(-len(tokenizer) // 8) * 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                  tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    config.update(overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def save_model_dir(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    model = make_model(tokenizer, seed, **overrides)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def pref_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": sentence(rng, 2, 10), "chosen": sentence(rng, 1, 8), "rejected": sentence(rng, 1, 8)}
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A Hugging Face directory: config.json, model.safetensors, tokenizer files with a chat template."""
+    return save_model_dir(tmp_path_factory.mktemp("tiny_model") / "model", tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_prefs_jsonl(tmp_path_factory) -> Path:
+    """32 preference pairs {prompt, chosen, rejected} (strings)."""
+    return write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl", pref_rows(32))
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_jsonl(tmp_path_factory) -> Path:
+    """32 SFT rows {prompt, response} (strings)."""
+    rng = random.Random(1)
+    rows = [{"prompt": sentence(rng, 2, 10), "response": sentence(rng, 1, 8)} for _ in range(32)]
+    return write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl", rows)
