@@ -929,3 +929,236 @@ def save_final_model(policy: SequenceLogps, tokenizer, out_dir: str | os.PathLik
         extra = {name: (out_dir / name).read_bytes() for name in keep if (out_dir / name).is_file()}
         save_hf_model(policy.model, tokenizer, out_dir, state_dict=state, extra_files=extra)
     barrier(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation and scoring: what sample.py, evaluate.py and label.py share. A response is sampled
+# from its own seeded noise stream, so it depends on (seed, prompt index, sample index) and the
+# model, not on which other prompts share its batch or process.
+
+_MASK64, _GOLDEN = (1 << 64) - 1, 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer on a Python int: a well-mixed 64-bit hash."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
+    return x ^ (x >> 31)
+
+
+def response_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The noise stream of response `sample_index` to prompt `prompt_index` (as a signed int64)."""
+    return _signed(_mix64(_mix64(_mix64(seed + _GOLDEN) + prompt_index) + sample_index))
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _mix64_tensor(x: torch.Tensor) -> torch.Tensor:
+    """`_mix64` on int64 tensors (multiplication wraps; right shifts made logical by a mask)."""
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _signed(_MIX1)
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _signed(_MIX2)
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def stream_gumbel(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, vocab] (float64): element (b, v) is a hash of (seeds[b], step, v), so
+    row b's noise is the same whatever the batch around it, on any device."""
+    counter = (step << 24) + torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    bits = _mix64_tensor(seeds.unsqueeze(1) + counter.unsqueeze(0) * _signed(_GOLDEN))
+    u = (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) / 2.0**53  # in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+class SeededSampler:
+    """A logits processor that samples each row's next token itself and leaves only that token
+    finite, so `generate(do_sample=False)` (argmax) takes it. Gumbel-max: argmax(logits / T + g)
+    with g ~ Gumbel(0, 1) is a draw from softmax(logits / T); top-p removes the tail first.
+    """
+
+    def __init__(self, seeds: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
+        self.seeds, self.prompt_width, self.temperature, self.top_p = seeds, prompt_width, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:  # keep the smallest set of top tokens whose mass reaches top_p
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = (probs.cumsum(-1) - probs) >= self.top_p
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        step = input_ids.shape[1] - self.prompt_width
+        noise = stream_gumbel(self.seeds.to(logits.device), step, logits.shape[-1])
+        choice = (logits.double() + noise).argmax(-1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on GPU, float32 on CPU; else the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, **DTYPES}[name]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and any end-of-turn ids in the model's generation config."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int,
+                       temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32,
+                       desc: str | None = None) -> list[dict]:
+    """One response per prompt (repeat a prompt for several), in input order:
+    {"text", "token_ids" (EOS included if emitted), "num_tokens", "finish_reason": "eos" | "length"}.
+
+    Prompts are sorted by length (longest first: memory trouble shows at once) and left-padded into
+    batches of `batch_size`, so a batch holds similar lengths and every row's new tokens start at
+    the same column. temperature 0 is greedy; otherwise row i samples from stream `seeds[i]`
+    (`SeededSampler`). The model's own generation config (its temperature, penalties) is not used.
+    """
+    from tqdm.auto import tqdm
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    out: list[dict | None] = [None] * len(prompt_ids)
+    for batch in tqdm(batches, desc=desc, disable=desc is None, dynamic_ncols=True):
+        width = max(len(prompt_ids[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            ids[row, width - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
+            mask[row, width - len(prompt_ids[i]):] = 1
+        processors = LogitsProcessorList()
+        if temperature > 0:
+            processors.append(SeededSampler(torch.tensor([seeds[i] for i in batch]), width, temperature, top_p))
+        generated = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), logits_processor=processors,
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+            no_repeat_ngram_size=0, eos_token_id=stops, pad_token_id=pad_id)[:, width:].tolist()
+        for row, i in enumerate(batch):
+            tokens = generated[row]
+            end = next((t for t, token in enumerate(tokens) if token in stops), None)
+            tokens = tokens[:end + 1] if end is not None else tokens[:max_new_tokens]
+            text = tokenizer.decode(tokens[:-1] if end is not None else tokens, skip_special_tokens=True)
+            out[i] = {"text": text, "token_ids": tokens, "num_tokens": len(tokens),
+                      "finish_reason": "eos" if end is not None else "length"}
+    return out
+
+
+def load_function(spec: str, what: str):
+    """The function named by "module:function" (importable from the working directory or this
+    repository) or "path/to/file.py:function"."""
+    import importlib
+    import importlib.util
+
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        raise UserError(f"{what} {spec!r}: expected module:function")
+    try:
+        if module_name.endswith(".py"):
+            if not Path(module_name).is_file():
+                raise UserError(f"{what} {spec!r}: {module_name} not found")
+            loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            for path in (os.getcwd(), str(Path(__file__).resolve().parent)):
+                if path not in sys.path:
+                    sys.path.append(path)
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"{what} {spec!r}: cannot import {module_name} ({e})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"{what} {spec!r}: {module_name} has no function {name!r}")
+    return fn
+
+
+class RewardModel:
+    """A reward model: `AutoModelForSequenceClassification` with one label, called as
+    `rm(prompts, responses) -> list[float]`.
+
+    It reads each (prompt, response) as its own tokenizer formats it (never the policy's ids): the
+    conversation through its chat template, else `text_format` ("{prompt}" and "{response}"
+    filled in), else the tokenizer's pair encoding. Batches are sorted by length and right-padded
+    with an id that occurs in none of the batch's sequences, set as the model's pad id for the
+    call: transformers reads the score at the last token that is not the pad id, so it is read at
+    the last real token even where the real pad id is EOS and ends a sequence. A sequence longer
+    than `max_length` (0: no limit) loses tokens from the left.
+    """
+
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16,
+                 max_length: int = 0, text_format: str = "", trust_remote_code: bool = False):
+        from transformers import AutoModelForSequenceClassification
+
+        self.tokenizer = load_tokenizer(name, trust_remote_code)
+        self.model = load_model(name, dtype, trust_remote_code, AutoModelForSequenceClassification).to(device)
+        if self.model.config.num_labels != 1:
+            raise UserError(f"{name}: reward model has num_labels={self.model.config.num_labels}, expected 1")
+        self.device, self.batch_size, self.max_length, self.text_format = device, batch_size, max_length, text_format
+
+    def encode(self, prompt, response: str) -> list[int]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) and not self.text_format:
+            messages = prompt_messages(prompt) + [{"role": "assistant", "content": response}]
+            ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        elif self.text_format:
+            ids = tok(self.text_format.format(prompt=prompt_user_text(prompt), response=response))["input_ids"]
+        else:
+            ids = tok(prompt_user_text(prompt), response)["input_ids"]
+        return ids[-self.max_length:] if self.max_length else ids
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list, responses: list[str]) -> list[float]:
+        seqs = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        config = self.model.config.get_text_config()
+        own_pad, vocab = config.pad_token_id, self.model.get_input_embeddings().num_embeddings
+        scores = [0.0] * len(seqs)
+        try:
+            for start in range(0, len(order), self.batch_size):
+                batch = [seqs[i] for i in order[start:start + self.batch_size]]
+                used = {t for s in batch for t in s}
+                config.pad_token_id = own_pad if own_pad is not None and own_pad not in used else next(
+                    t for t in range(vocab) if t not in used)
+                ids, mask, _ = pad_batch(batch, [[] for _ in batch], config.pad_token_id)
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                for i, value in zip(order[start:start + self.batch_size], logits[:, 0].float().tolist()):
+                    scores[i] = value
+        finally:
+            config.pad_token_id = own_pad
+        return scores
+
+
+def load_scorer(reward_fn: str, reward_model: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16,
+                max_length: int = 0, text_format: str = "", trust_remote_code: bool = False, flag: str = "reward"):
+    """`scorer(prompts, responses) -> list[float]` from exactly one of a function spec and a model.
+
+    A function gets the user prompt text (`prompt_user_text`) and the response text; a reward model
+    gets the whole prompt (chat messages included)."""
+    if bool(reward_fn) == bool(reward_model):
+        raise UserError(f"give exactly one of --{flag}_fn module:function and --{flag}_model DIR_OR_HUB_ID")
+    if reward_model:
+        return RewardModel(reward_model, device, dtype, batch_size, max_length, text_format, trust_remote_code)
+    fn = load_function(reward_fn, f"--{flag}_fn")
+
+    def score(prompts: list, responses: list[str]) -> list[float]:
+        values = list(fn([prompt_user_text(p) for p in prompts], list(responses)))
+        if len(values) != len(responses):
+            raise UserError(f"--{flag}_fn {reward_fn}: returned {len(values)} scores for {len(responses)} responses")
+        try:
+            return [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise UserError(f"--{flag}_fn {reward_fn}: returned a score that is not a number") from None
+
+    return score
