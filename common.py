@@ -6,6 +6,7 @@ field in the message; `run_main` turns it into one line on stderr and exit code 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -14,6 +15,7 @@ import random
 import sys
 import tempfile
 import typing
+import warnings
 from pathlib import Path
 
 import torch
@@ -507,7 +509,8 @@ class TrainSettings:
     epochs: int = setting(1, "passes over the data")
     max_steps: int = setting(-1, "optimizer steps (cycling through the data); -1: as many as `epochs` give")
     batch_size: int = setting(64, "examples (pairs, for dpo.py) per optimizer step, over all processes")
-    grad_accum: int = setting(1, "micro-steps per optimizer step; a micro-batch is batch_size / (processes * grad_accum)")
+    grad_accum: int = setting(1, "micro-steps per optimizer step; a micro-batch is "
+                                 "batch_size / (processes * grad_accum)")
     lr: float = setting(1e-5, "peak learning rate (AdamW, betas 0.9/0.999)")
     lr_schedule: typing.Literal["constant", "linear", "cosine"] = setting(
         "cosine", "after warm-up: constant, or a linear or cosine decay to 0 at the last step")
@@ -660,8 +663,6 @@ class SequenceLogps(torch.nn.Module):
         self.autocast_dtype = autocast_dtype
 
     def forward(self, input_ids, attention_mask, response_mask):
-        import contextlib
-
         autocast = (torch.autocast(input_ids.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
@@ -706,7 +707,8 @@ def wrap_policy(model, d: Dist, chunk_size: int = 1024, activation_checkpointing
         return SequenceLogps(model, chunk_size, torch.bfloat16 if cuda and fp32 else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else \
+        MixedPrecisionPolicy()
     policy = SequenceLogps(model, chunk_size)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
@@ -826,7 +828,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(decode(state["cuda"]))
 
 
-def save_checkpoint(out_dir: str | os.PathLike, step: int, policy, optimizer, d: Dist, info: dict | None = None) -> Path:
+@contextlib.contextmanager
+def _one_process_dcp():
+    """DCP warns when it runs without a process group; on one process that is the plan."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, policy, optimizer, d: Dist,
+                    info: dict | None = None) -> Path:
     """Write output_dir/checkpoint-STEP (model, optimizer, step, RNG states) and delete older ones.
 
     Atomic: every process writes into a temporary directory, then rank 0 renames it, so a
@@ -840,7 +851,8 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, policy, optimizer, d:
         _rmtree(tmp)
     barrier(d)
     state, param_groups = _train_state(policy, optimizer)
-    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    with _one_process_dcp():
+        dcp.save(state, checkpoint_id=tmp)
     atomic_write_text(tmp / f"rng_rank{d.rank}.json", json.dumps(_rng_state()))
     barrier(d)
     if d.is_main:
@@ -864,7 +876,8 @@ def load_checkpoint(path: str | os.PathLike, policy, optimizer, d: Dist) -> dict
     path = Path(path)
     info = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     state, _ = _train_state(policy, optimizer)
-    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    with _one_process_dcp():
+        dcp.load(state, checkpoint_id=path)
     set_model_state_dict(policy, state["model"])
     set_optimizer_state_dict(policy, optimizer, {"state": state["optimizer"], "param_groups": info["param_groups"]})
     rng = path / f"rng_rank{d.rank}.json"
@@ -924,6 +937,11 @@ def save_final_model(policy: SequenceLogps, tokenizer, out_dir: str | os.PathLik
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {}  # tied weights (one parameter, several names) are saved once, as transformers does
+    for name, param in policy.model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for name in (n for group in names.values() for n in group[1:]):
+        state.pop(name, None)
     if d.is_main:
         out_dir = Path(out_dir)
         extra = {name: (out_dir / name).read_bytes() for name in keep if (out_dir / name).is_file()}

@@ -7,6 +7,7 @@ Everything is built on the spot (no downloads): a byte-level BPE tokenizer train
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars only clutter test logs
 
 WORDS = ("the a cat dog bird sat ran flew on over under mat park tree list name give three four "
          "fruits colors apple pear plum red blue green quick brown fox jumps lazy and or not").split()

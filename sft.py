@@ -1,0 +1,164 @@
+"""Supervised fine-tuning: next-token loss on the response tokens of (prompt, response) examples.
+
+    python sft.py --config configs/sft.yaml                          # the embedded default, one process
+    torchrun --nproc_per_node 2 sft.py --config configs/sft.yaml     # FSDP2, same steps
+
+The stage: read examples -> tokenize (the prompt once, the response separately + EOS, so the loss
+mask is exact) -> train on the mean negative log-likelihood per response token of each global batch
+(losses.sft_loss; prompt tokens never count) -> save a Hugging Face directory.
+Data: rows with `prompt` and `response` (strings; the prompt may be a list of chat messages), or
+`messages` (a chat; the last message is the assistant's response, the ones before are the prompt).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import (DTYPES, MetricsLog, TrainSettings, UserError, all_reduce_sum, atomic_write_text,
+                    cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts,
+                    encode_responses, fit_to_length, global_batches, load_checkpoint, load_model,
+                    load_rows, load_tokenizer, lr_at, micro_batches, note_changed_settings, progress, require_input,
+                    run_main, save_checkpoint, save_final_model, save_settings, set_gradient_sync, setting,
+                    start_training, wrap_policy)
+from losses import sft_loss
+
+DEFAULT_MODEL, DEFAULT_DATA = "data/embedded/init_model", "data/embedded/sft.jsonl"
+MAKE_DEFAULTS = "python embedded.py --out_dir data/embedded"
+
+
+@dataclasses.dataclass
+class Settings(TrainSettings):
+    model: str = setting(DEFAULT_MODEL, "model to fine-tune: a local Hugging Face directory or a hub id")
+    data: str = setting(DEFAULT_DATA, "examples: prompt + response (strings), or messages (a chat ending with the "
+                                      "assistant's response); JSONL, a saved dataset or a hub id")
+    output_dir: str = setting("runs/sft", TrainSettings.__dataclass_fields__["output_dir"].metadata["help"])
+    lr: float = setting(1e-5, "peak learning rate (AdamW)")
+
+
+def prompt_and_response(row: dict, where: str):
+    """(prompt, response) of a row: prompt + response, or the messages of a chat split before its last one."""
+    if isinstance(row.get("messages"), list):
+        messages = row["messages"]
+        if (len(messages) < 2 or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+                or messages[-1].get("role") != "assistant"):
+            raise UserError(f"{where}: messages must be two or more {{role, content}} ending with the assistant's")
+        return messages[:-1], messages[-1]["content"]
+    if isinstance(row.get("prompt"), (str, list)) and isinstance(row.get("response"), str):
+        return row["prompt"], row["response"]
+    raise UserError(f"{where}: needs prompt and response (strings), or messages (a list of chat messages)")
+
+
+def encode_examples(rows: list[dict], tokenizer, s: Settings) -> tuple[list[tuple], dict]:
+    """Tokenize and fit every row to the length limits; return (prompt ids, response ids) pairs and stats."""
+    split = [prompt_and_response(row, f"{s.data}: row {i + 1}") for i, row in enumerate(rows)]
+    prompts = encode_prompts(tokenizer, [p for p, _ in split])
+    responses = encode_responses(tokenizer, [r for _, r in split])
+    examples, stats = [], {"rows": len(rows), "examples": 0, "prompts_cut": 0, "responses_cut": 0,
+                           "dropped_too_long": 0}
+    for p, r in zip(prompts, responses):
+        fit = fit_to_length(p, [r], s.max_length, s.max_prompt_length, s.truncate_responses)
+        if fit is None:
+            stats["dropped_too_long"] += 1
+            continue
+        p, (r,), prompt_cut, response_cut = fit
+        stats["prompts_cut"] += prompt_cut
+        stats["responses_cut"] += response_cut
+        examples.append((p, r))
+    stats["examples"] = len(examples)
+    return examples, stats
+
+
+def describe(stats: dict, s: Settings) -> str:
+    return (f"data: {stats['rows']} rows of {s.data} -> {stats['examples']} examples; {stats['prompts_cut']} prompts "
+            f"cut from the left to {s.max_prompt_length} tokens; "
+            + (f"{stats['responses_cut']} responses cut at max_length {s.max_length}" if s.truncate_responses else
+               f"{stats['dropped_too_long']} examples dropped (the response would pass max_length {s.max_length})"))
+
+
+def accumulate_gradients(policy, examples: list[tuple], batch: list[int], s: Settings, pad_id: int, d) -> torch.Tensor:
+    """Forward and backward over this process's micro-batches of the global `batch`; return
+    [sum of response-token NLLs, response tokens] over its examples.
+
+    The objective is the global batch's mean NLL per response token: each micro-batch's
+    `sft_loss` (its own per-token mean) is weighted by its share of the batch's tokens, so the
+    gradient is the same for any split into processes and micro-steps (FSDP averages over processes,
+    hence the factor world_size)."""
+    batch_tokens = sum(len(examples[i][1]) for i in batch)
+    sums = torch.zeros(2)
+    micro = micro_batches(batch, d.world_size, d.rank, s.grad_accum)
+    for step, ids in enumerate(micro):
+        set_gradient_sync(policy, step == len(micro) - 1)
+        logps = policy(*collate([examples[i] for i in ids], pad_id, d.device))
+        lengths = torch.tensor([len(examples[i][1]) for i in ids], device=d.device)
+        loss = sft_loss(policy_logps=logps, lengths=lengths) * (lengths.sum() / batch_tokens) * d.world_size
+        loss.backward()
+        sums += torch.stack([-logps.detach().sum(), lengths.sum().float()]).cpu()
+    return sums
+
+
+def main(s: Settings) -> torch.nn.Module | None:
+    """Train; return the trained model (for tests and notebooks)."""
+    require_input(s.model, DEFAULT_MODEL, MAKE_DEFAULTS)
+    require_input(s.data, DEFAULT_DATA, MAKE_DEFAULTS)
+    out = Path(s.output_dir)
+    if (started := start_training(s)) is None:
+        return None
+    d, checkpoint = started
+
+    tokenizer = load_tokenizer(s.model, s.trust_remote_code)
+    examples, stats = encode_examples(load_rows(s.data), tokenizer, s)
+    per_epoch, total_steps = count_steps(len(examples), s)
+    if d.is_main:
+        print(describe(stats, s))
+        if checkpoint:
+            note_changed_settings(out, dataclasses.asdict(s), d)
+        atomic_write_text(out / "data_stats.json", json.dumps(stats, indent=1) + "\n")
+        save_settings(out, s)
+        print(f"sft: {total_steps} steps of {s.batch_size} examples ({per_epoch} per epoch) on {d.world_size} "
+              "process(es)")
+
+    policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
+                         s.activation_checkpointing)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    start = load_checkpoint(checkpoint, policy, optimizer, d)["step"] if checkpoint else 0
+    if checkpoint and d.is_main:
+        print(f"resuming from {checkpoint} (step {start} of {total_steps})")
+    metrics = MetricsLog(out / "metrics.jsonl", d, resume_step=start)
+    lengths = [len(p) + len(r) for p, r in examples]
+    bar = progress(global_batches(lengths, s, start, total_steps), d, total_steps, start, "sft")
+    row = {}
+    for step, batch in bar:
+        began = time.time()
+        lr = lr_at(step, s, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums = accumulate_gradients(policy, examples, batch, s, tokenizer.pad_token_id, d)
+        grad_norm = clip_grad_norm(policy, s.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        nll, tokens = all_reduce_sum(d, sums.to(d.device)).tolist()
+        now = time.time()
+        row = {"step": step + 1, "epoch": (step + 1) / per_epoch, "lr": lr, "loss": nll / tokens,
+               "grad_norm": grad_norm, "response_tokens": int(tokens),
+               "tokens": sum(len(examples[i][0]) + len(examples[i][1]) for i in batch),
+               "examples_per_s": len(batch) / (now - began), "time": now}
+        metrics.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if s.save_every and (step + 1) % s.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(out, step + 1, policy, optimizer, d, {"total_steps": total_steps})
+    bar.close()
+    metrics.close()
+
+    save_final_model(policy, tokenizer, out, d)
+    if d.is_main:
+        print(f"saved {out}" + (f"; last step: loss {row['loss']:.4f}" if row else ""))
+    cleanup_distributed()
+    return policy.model
+
+
+if __name__ == "__main__":
+    run_main(main, (Settings,))
