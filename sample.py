@@ -1,0 +1,211 @@
+"""Sample n responses per prompt from a policy: the first stage of an iteration.
+
+    python sample.py --model runs/sft --prompts data/embedded/prompts.jsonl --output runs/dpo/iter1/samples.jsonl
+    torchrun --nproc_per_node 8 sample.py --model ... --n 4 --temperature 0.7    # prompts split over processes
+
+The stage: read prompts -> tokenize (the chat template with its generation prompt) -> generate with
+transformers in batches of similar prompt lengths, left-padded (every process holds a full copy of
+the model; never FSDP) -> write samples.jsonl, one row per prompt in input order:
+
+    {"prompt": <as given>, <the row's other fields>, "responses": [{"text", "num_tokens", "finish_reason"}, ...]}
+
+`num_tokens` counts the response's tokens under the policy's tokenizer, EOS included when it was
+emitted; `finish_reason` is "eos", or "length" when max_new_tokens ran out first.
+
+Determinism: response j to prompt i is sampled from its own noise stream, a hash of (seed, i, j)
+(common.SeededSampler), so it does not depend on the batch it was in, on --batch_size, on the
+number of processes, or on an interruption and resume; the same run twice gives the same file. The
+one caveat is floating point: a different batch shape can change logits in the last bits, which
+can flip a token only where two choices tie to that precision (never seen on the tiny test models).
+
+Progress is saved every --save_every prompts per process in OUTPUT.parts/; a rerun after an
+interruption samples only the prompts not yet done (with any number of processes) and a rerun
+after success does nothing. --engine vllm samples with vLLM instead (one process, its own seeds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import typing
+from pathlib import Path
+
+from common import (UserError, all_gather_objects, barrier, cleanup_distributed, encode_prompts, generate_responses,
+                    inference_dtype, load_model, load_tokenizer, read_jsonl, response_seed, run_main, save_settings,
+                    setting, setup_distributed, write_jsonl)
+
+RESPONSE_FIELDS = ("text", "num_tokens", "finish_reason")
+
+
+@dataclasses.dataclass
+class Settings:
+    model: str = setting("runs/sft", "policy: a local Hugging Face directory or a hub id")
+    prompts: str = setting("data/embedded/prompts.jsonl", "JSONL with `prompt` (a string or chat messages); other "
+                                                          "fields are carried into the output")
+    output: str = setting("runs/samples.jsonl", "samples JSONL to write (atomically); skipped if already complete")
+    n: int = setting(4, "responses per prompt")
+    temperature: float = setting(1.0, "sampling temperature; 0 is greedy")
+    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    max_new_tokens: int = setting(256, "response tokens at most; a response cut here gets finish_reason 'length'")
+    max_prompt_length: int = setting(0, "a longer prompt loses tokens from the left; 0: no limit")
+    batch_size: int = setting(32, "sequences (prompt x sample) per generate call on each process")
+    seed: int = setting(0, "response j to prompt i is sampled with noise seeded by (seed, i, j)")
+    save_every: int = setting(256, "prompts per progress file in OUTPUT.parts/ (resume point); 0: only at the end")
+    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "model dtype; auto: bfloat16 on GPU, float32 on CPU")
+    engine: typing.Literal["hf", "vllm"] = setting("hf", "hf: transformers generate; vllm: vLLM, if installed")
+    trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
+
+
+def check_settings(s: Settings) -> None:
+    if s.n < 1 or s.batch_size < 1 or s.max_new_tokens < 1 or s.save_every < 0 or s.max_prompt_length < 0:
+        raise UserError("--n, --batch_size and --max_new_tokens must be >= 1; --save_every and "
+                        "--max_prompt_length >= 0")
+    if s.temperature < 0 or not 0 < s.top_p <= 1:
+        raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {s.temperature}, {s.top_p})")
+
+
+def run_key(s: Settings) -> str:
+    """What a saved part must have been made with to be reused (not batch size or engine layout)."""
+    keep = ("model", "prompts", "n", "temperature", "top_p", "max_new_tokens", "max_prompt_length", "seed", "engine")
+    return json.dumps({k: getattr(s, k) for k in keep}, sort_keys=True)
+
+
+def parts_dir(output: str) -> Path:
+    return Path(output).with_name(Path(output).name + ".parts")
+
+
+def read_parts(folder: Path, key: str) -> dict[int, list[dict]]:
+    """{prompt index: responses} from the progress files of an interrupted run with the same settings."""
+    if not folder.is_dir():
+        return {}
+    saved_key = folder / "run_key.json"
+    if saved_key.is_file() and saved_key.read_text(encoding="utf-8") != key:
+        raise UserError(f"{folder}: progress of a run with other settings ({saved_key.read_text(encoding='utf-8')}); "
+                        "remove it, or rerun with those settings")
+    done = {}
+    for part in sorted(folder.glob("part-*.jsonl")):
+        for row in read_jsonl(part):
+            done[row["index"]] = row["responses"]
+    return done
+
+
+def write_part(folder: Path, results: dict[int, list[dict]]) -> None:
+    """One progress file, named by its first prompt index (unique: that prompt is in no other part)."""
+    first = min(results)
+    write_jsonl(folder / f"part-{first:09d}.jsonl", [{"index": i, "responses": r} for i, r in sorted(results.items())])
+
+
+def sample_hf(s: Settings, d, prompts: list, indices: list[int], on_part) -> None:
+    """Sample this process's prompts (`indices`) with transformers, calling on_part({index: responses})
+    every save_every prompts. Prompts are taken longest first, so a part holds similar lengths."""
+    tokenizer = load_tokenizer(s.model, s.trust_remote_code)
+    model = load_model(s.model, inference_dtype(s.dtype, d.device), s.trust_remote_code).to(d.device)
+    ids = dict(zip(indices, encode_prompts(tokenizer, [prompts[i] for i in indices])))
+    if s.max_prompt_length:
+        ids = {i: x[-s.max_prompt_length:] for i, x in ids.items()}
+    indices = sorted(indices, key=lambda i: -len(ids[i]))
+    step = s.save_every or len(indices)
+    for start in range(0, len(indices), step):
+        part = indices[start:start + step]
+        jobs = [(i, j) for i in part for j in range(s.n)]
+        out = generate_responses(model, tokenizer, [ids[i] for i, _ in jobs],
+                                 [response_seed(s.seed, i, j) for i, j in jobs], s.max_new_tokens, s.temperature,
+                                 s.top_p, s.batch_size, desc=f"sample {start + len(part)}/{len(indices)}" if d.is_main
+                                 else None)
+        results = {i: [] for i in part}
+        for (i, _), response in zip(jobs, out):
+            results[i].append({k: response[k] for k in RESPONSE_FIELDS})
+        on_part(results)
+
+
+def sample_vllm(s: Settings, d, prompts: list, indices: list[int], on_part) -> None:
+    """Sample with vLLM: one process (vLLM spreads a model over GPUs itself); request i is seeded with
+    a hash of (seed, i), so a resumed run gives the same responses, but not the ones --engine hf gives."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise UserError("--engine vllm: vllm is not installed (pip install vllm), use --engine hf")
+    if d.world_size > 1:
+        raise UserError("--engine vllm runs as one process: start it with python, not torchrun")
+    tokenizer = load_tokenizer(s.model, s.trust_remote_code)
+    dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[s.dtype]
+    llm = LLM(s.model, dtype=dtype, seed=s.seed, trust_remote_code=s.trust_remote_code)
+    stops = {tokenizer.eos_token_id}
+    ids = dict(zip(indices, encode_prompts(tokenizer, [prompts[i] for i in indices])))
+    if s.max_prompt_length:
+        ids = {i: x[-s.max_prompt_length:] for i, x in ids.items()}
+    step = s.save_every or len(indices)
+    for start in range(0, len(indices), step):
+        part = indices[start:start + step]
+        params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                 seed=response_seed(s.seed, i, 0) & (2**31 - 1)) for i in part]
+        outputs = llm.generate([{"prompt_token_ids": ids[i]} for i in part], params)
+        results = {}
+        for i, output in zip(part, outputs):
+            results[i] = []
+            for c in output.outputs:
+                ended = c.finish_reason == "stop"
+                tokens = list(c.token_ids)
+                num = len(tokens) + (1 if ended and (not tokens or tokens[-1] not in stops) else 0)
+                results[i].append({"text": c.text, "num_tokens": num, "finish_reason": "eos" if ended else "length"})
+        on_part(results)
+
+
+def assemble(rows: list[dict], results: dict[int, list[dict]]) -> list[dict]:
+    """Output rows in input order: each input row with its responses added."""
+    return [{**row, "responses": results[i]} for i, row in enumerate(rows)]
+
+
+def output_complete(path: Path, n_prompts: int) -> bool:
+    if not path.is_file():
+        return False
+    lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if lines != n_prompts:
+        raise UserError(f"{path}: holds {lines} rows but the prompts file has {n_prompts}; remove it to sample again")
+    return True
+
+
+def main(s: Settings) -> None:
+    check_settings(s)
+    rows = read_jsonl(s.prompts, required={"prompt": (str, list)})
+    output = Path(s.output)
+    if output_complete(output, len(rows)):
+        print(f"{output} is complete; nothing to do (remove it to sample again)")
+        return
+    d = setup_distributed()
+    folder, key = parts_dir(s.output), run_key(s)
+    done = read_parts(folder, key)
+    barrier(d)  # every process has read the parts before any writes new ones
+    if d.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "run_key.json").write_text(key, encoding="utf-8")
+        print(f"sample: {len(rows)} prompts x {s.n} from {s.model} on {d.world_size} process(es)"
+              + (f"; {len(done)} already done in {folder}" if done else ""))
+    barrier(d)
+    todo = [i for i in range(len(rows)) if i not in done]
+    mine = todo[d.rank::d.world_size]
+    new = {}
+
+    def on_part(results):
+        if s.save_every:
+            write_part(folder, results)
+        new.update(results)
+
+    if mine:
+        (sample_vllm if s.engine == "vllm" else sample_hf)(s, d, [r["prompt"] for r in rows], mine, on_part)
+    for part in all_gather_objects(d, new):
+        done.update(part)
+    if d.is_main:
+        write_jsonl(output, assemble(rows, done))
+        save_settings(output.parent, s, name=f"{output.stem}_settings.json")
+        shutil.rmtree(folder, ignore_errors=True)
+        stats = [r for responses in done.values() for r in responses]
+        print(f"wrote {output}: {len(stats)} responses, mean {sum(r['num_tokens'] for r in stats) / len(stats):.1f} "
+              f"tokens, {sum(r['finish_reason'] == 'length' for r in stats) / len(stats):.1%} without EOS")
+    barrier(d)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_main(main, (Settings,))

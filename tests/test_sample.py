@@ -1,0 +1,207 @@
+"""sample.py: batched, length-sorted, left-padded generation that matches one-by-one generation;
+finish reasons; input order; determinism per seed (whatever the batch size); resume after an
+interruption. Tiny models and tokenizers are built in temporary directories (no downloads)."""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+import sample  # noqa: E402
+
+WORDS = "list name give two three four fruits colors apple pear plum red blue green and or".split()
+TEMPLATE = ("{{ bos_token }}{% for m in messages %} {{ m['role'] }}: {{ m['content'] }}"
+            "{% if m['role'] == 'assistant' %} {{ eos_token }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %} assistant:{% endif %}")
+
+
+def word_tokenizer(words=WORDS, template=TEMPLATE):
+    """A word-level tokenizer: <pad> <bos> <eos> <unk>, role words, then `words`; decode joins with spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "user:", "assistant:", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", chat_template=template, clean_up_tokenization_spaces=False)
+
+
+def save_policy(path: Path, tokenizer, seed: int = 0) -> Path:
+    """A tiny LlamaForCausalLM (initializer_range 0.2, so that greedy outputs differ between prompts)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9))), "id": i} for i in range(n)]
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy 2-core machine makes them spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    return save_policy(tmp_path_factory.mktemp("policy") / "model", word_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    return write_rows(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", prompt_rows(10))
+
+
+def run_sample(policy_dir, prompts_file, output, **overrides) -> list[dict]:
+    overrides = {"max_new_tokens": 8, **overrides}
+    s = sample.Settings(model=str(policy_dir), prompts=str(prompts_file), output=str(output), **overrides)
+    sample.main(s)
+    return common.read_jsonl(output)
+
+
+def one_by_one_greedy(policy_dir, prompts, max_new_tokens) -> list[list[int]]:
+    """Plain transformers greedy generation, one unpadded prompt at a time, in dataset order."""
+    tokenizer = common.load_tokenizer(str(policy_dir))
+    model = common.load_model(str(policy_dir))
+    out = []
+    for p in prompts:
+        ids = torch.tensor([common.encode_prompt(tokenizer, p)])
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        out.append(new[:new.index(2) + 1] if 2 in new else new)
+    return out
+
+
+def test_sorted_left_padded_batches_match_one_by_one_greedy(policy_dir, prompts_file, tmp_path):
+    rows = run_sample(policy_dir, prompts_file, tmp_path / "s.jsonl", n=1, temperature=0.0, batch_size=4,
+                      max_new_tokens=12)
+    tokenizer = common.load_tokenizer(str(policy_dir))
+    expected = one_by_one_greedy(policy_dir, [r["prompt"] for r in rows], 12)
+    assert len({r["responses"][0]["text"] for r in rows}) > 1  # the test would be weak if all were equal
+    for row, tokens in zip(rows, expected):
+        response = row["responses"][0]
+        assert response["num_tokens"] == len(tokens)
+        assert response["text"] == tokenizer.decode([t for t in tokens if t != 2], skip_special_tokens=True)
+
+
+def test_response_cut_at_max_new_tokens_is_marked_length(policy_dir, prompts_file, tmp_path):
+    rows = run_sample(policy_dir, prompts_file, tmp_path / "s.jsonl", n=4, temperature=1.0, max_new_tokens=6)
+    responses = [r for row in rows for r in row["responses"]]
+    assert {r["finish_reason"] for r in responses} == {"eos", "length"}  # both occur with this seed
+    for r in responses:
+        if r["finish_reason"] == "length":
+            assert r["num_tokens"] == 6
+        else:
+            assert 1 <= r["num_tokens"] <= 6  # EOS counted
+
+
+def test_output_rows_follow_input_order_and_keep_fields(policy_dir, tmp_path):
+    inputs = prompt_rows(7, seed=3)
+    inputs[2] = {"prompt": [{"role": "user", "content": "list two fruits"}], "id": 2, "chosen": "apple and pear"}
+    rows = run_sample(policy_dir, write_rows(tmp_path / "p.jsonl", inputs), tmp_path / "s.jsonl", n=3, batch_size=2)
+    assert [r["id"] for r in rows] == list(range(7))
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in inputs]
+    assert rows[2]["chosen"] == "apple and pear"
+    assert all(len(r["responses"]) == 3 and set(r["responses"][0]) == {"text", "num_tokens", "finish_reason"}
+               for r in rows)
+
+
+def test_same_seed_gives_identical_file(policy_dir, prompts_file, tmp_path):
+    run_sample(policy_dir, prompts_file, tmp_path / "a.jsonl", seed=5)
+    run_sample(policy_dir, prompts_file, tmp_path / "b.jsonl", seed=5)
+    run_sample(policy_dir, prompts_file, tmp_path / "c.jsonl", seed=6)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
+
+
+def test_samples_do_not_depend_on_batch_composition(policy_dir, prompts_file, tmp_path):
+    """Each response has its own noise stream, so batch size 1 and batch size 7 give the same file."""
+    run_sample(policy_dir, prompts_file, tmp_path / "a.jsonl", batch_size=1, save_every=0)
+    run_sample(policy_dir, prompts_file, tmp_path / "b.jsonl", batch_size=7, save_every=3)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+def test_interrupted_run_resumes_where_it_stopped(policy_dir, prompts_file, tmp_path, monkeypatch):
+    run_sample(policy_dir, prompts_file, tmp_path / "full.jsonl", save_every=3)
+    calls = []
+    real = sample.generate_responses
+
+    def dies_on_third_part(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate_responses", dies_on_third_part)
+    out = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_sample(policy_dir, prompts_file, out, save_every=3)
+    assert not out.exists() and len(list(sample.parts_dir(str(out)).glob("part-*.jsonl"))) == 2
+    calls.clear()
+    run_sample(policy_dir, prompts_file, out, save_every=3)
+    assert sum(calls) == 4 * (10 - 6)  # only the 4 prompts not yet done, n = 4 each
+    assert out.read_bytes() == (tmp_path / "full.jsonl").read_bytes()
+    assert not sample.parts_dir(str(out)).exists()
+
+
+def test_complete_output_is_not_sampled_again(policy_dir, prompts_file, tmp_path, monkeypatch):
+    out = tmp_path / "s.jsonl"
+    run_sample(policy_dir, prompts_file, out, n=1)
+    monkeypatch.setattr(sample, "generate_responses", lambda *a, **k: pytest.fail("sampled again"))
+    run_sample(policy_dir, prompts_file, out, n=1)
+
+
+def test_parts_of_a_run_with_other_settings_are_an_error(policy_dir, prompts_file, tmp_path):
+    out = tmp_path / "s.jsonl"
+    folder = sample.parts_dir(str(out))
+    folder.mkdir()
+    (folder / "run_key.json").write_text(sample.run_key(sample.Settings(seed=99)), encoding="utf-8")
+    with pytest.raises(common.UserError, match="other settings"):
+        run_sample(policy_dir, prompts_file, out)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_engine_without_vllm_is_a_one_line_error(policy_dir, prompts_file, tmp_path):
+    with pytest.raises(common.UserError, match="vllm is not installed"):
+        run_sample(policy_dir, prompts_file, tmp_path / "s.jsonl", engine="vllm")
+
+
+def test_seeded_sampler_draws_from_the_tempered_softmax_and_respects_top_p():
+    """Gumbel-max with hashed noise: over 20000 streams the token frequencies match softmax(logits / T)
+    within 4 standard errors; with top_p 0.7 only the top tokens that reach 0.7 of the mass occur."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 20000
+    seeds = torch.tensor([common.response_seed(0, i, 0) for i in range(n)])
+    scores = logits.expand(n, -1).clone()
+    ids = torch.zeros(n, 3, dtype=torch.long)
+    chosen = common.SeededSampler(seeds, 3, 0.8, 1.0)(ids, scores).argmax(-1)
+    freq = torch.bincount(chosen, minlength=5).float() / n
+    p = (logits / 0.8).softmax(-1)
+    assert torch.all((freq - p).abs() < 4 * (p * (1 - p) / n).sqrt() + 1e-3)
+    top = common.SeededSampler(seeds, 3, 1.0, 0.7)(ids, scores).argmax(-1)
+    assert set(top.tolist()) == {0, 1}  # softmax mass: 0.61, 0.22 (cumulative 0.84 >= 0.7), ...
