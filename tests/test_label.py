@@ -1,0 +1,232 @@
+"""label.py: a reward model read through its own tokenizer and template, batched = one by one; a
+reward function by module:function; best-vs-worst pairs with ties, unfinished and empty responses
+dropped and counted; bad input is a one-line error; pairs.jsonl is what dpo.py reads."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+import label  # noqa: E402
+
+RM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q {{ m['content'] }}{% else %} "
+               "A {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+RM_WORDS = "Q A fruits colors apple pear plum red blue green and or list name give two three".split()
+
+
+def rm_tokenizer():
+    """The reward model's own word-level tokenizer: another vocabulary and template than any policy's,
+    and pad = EOS, so every conversation ends with the pad id (the case transformers gets wrong)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *reversed(RM_WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>",
+                                   chat_template=RM_TEMPLATE, clean_up_tokenization_spaces=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy 2-core machine makes them spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory) -> Path:
+    """A tiny LlamaForSequenceClassification (one label) saved with its tokenizer: the real loading path."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = rm_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         initializer_range=0.2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def response(text: str, finish: str = "eos") -> dict:
+    return {"text": text, "num_tokens": len(text.split()) + (finish == "eos"), "finish_reason": finish}
+
+
+SAMPLES = [
+    {"prompt": "list two fruits", "responses": [response("apple"), response("apple and pear"), response("plum")]},
+    {"prompt": [{"role": "user", "content": "name three colors"}],
+     "responses": [response("red blue green"), response("red"), response("blue or green or red")]},
+    {"prompt": "give two colors", "responses": [response("red and blue and green", "length"), response("blue")]},
+]
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch) -> str:
+    """A reward module on sys.path: `length` pays one per word, `constant` ties everything, `broken` is NaN
+    on the second response it sees."""
+    (tmp_path / "toy_rewards.py").write_text(
+        "def length(prompts, responses):\n    return [float(len(r.split())) for r in responses]\n"
+        "def constant(prompts, responses):\n    return [1.0 for _ in responses]\n"
+        "def broken(prompts, responses):\n    return [float('nan') if i == 4 else 0.0 for i in range(len(responses))]\n"
+        "def seen(prompts, responses):\n    seen.calls.append(list(prompts))\n    return [0.0 + i for i in range(len(responses))]\n"
+        "seen.calls = []\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("toy_rewards", None)
+    return "toy_rewards"
+
+
+def run_label(tmp_path, rows=SAMPLES, **overrides) -> dict:
+    samples = write_rows(tmp_path / "samples.jsonl", rows)
+    return label.main(label.Settings(samples=str(samples), **overrides))
+
+
+def test_reward_model_batched_scores_equal_one_by_one_at_the_last_real_token(rm_dir):
+    """Scores from padded batches of 4 equal scores of single sequences, and both equal the score head
+    applied by hand to the last position of the unpadded conversation (whose last token is the pad id)."""
+    rm = common.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32, batch_size=4)
+    prompts = [s["prompt"] for s in SAMPLES for _ in s["responses"]] * 2
+    responses = [r["text"] for s in SAMPLES for r in s["responses"]] * 2
+    batched = rm(prompts, responses)
+    rm.batch_size = 1
+    single = rm(prompts, responses)
+    assert torch.allclose(torch.tensor(batched), torch.tensor(single), atol=1e-5)
+    by_hand = []
+    for p, r in zip(prompts, responses):
+        ids = torch.tensor([rm.encode(p, r)])
+        assert ids[0, -1].item() == rm.tokenizer.pad_token_id
+        hidden = rm.model.model(input_ids=ids).last_hidden_state[0, -1]
+        by_hand.append(rm.model.score(hidden).item())
+    assert torch.allclose(torch.tensor(batched), torch.tensor(by_hand), atol=1e-5)
+    assert rm.model.config.pad_token_id == rm.tokenizer.pad_token_id  # restored after the call
+
+
+def test_reward_model_reads_the_conversation_in_its_own_template(rm_dir):
+    rm = common.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32)
+    ids = rm.encode([{"role": "user", "content": "list two fruits"}], "apple and pear")
+    assert rm.tokenizer.decode(ids) == "Q list two fruits A apple and pear <eos>"
+
+
+def test_label_with_a_reward_model_directory_writes_its_scores(rm_dir, tmp_path):
+    stats = run_label(tmp_path, reward_model=str(rm_dir), batch_size=3)
+    rm = common.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32, batch_size=1)
+    rows = common.read_jsonl(tmp_path / "scores.jsonl")
+    expected = rm([s["prompt"] for s in SAMPLES for _ in s["responses"]],
+                  [r["text"] for s in SAMPLES for r in s["responses"]])
+    assert [r["score"] for row in rows for r in row["responses"]] == pytest.approx(expected, abs=1e-5)
+    assert stats["responses_scored"] == 8
+    for pair in common.read_jsonl(tmp_path / "pairs.jsonl"):
+        assert pair["chosen_score"] > pair["rejected_score"]
+
+
+def test_reward_function_by_module_path_pairs_best_with_worst(tmp_path, reward_module):
+    stats = run_label(tmp_path, reward_fn=f"{reward_module}:length")
+    pairs = common.read_jsonl(tmp_path / "pairs.jsonl")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("apple and pear", "apple"),
+                                                            ("blue or green or red", "red")]
+    assert pairs[0] | {"prompt": None} == {
+        "prompt": None, "chosen": "apple and pear", "rejected": "apple", "chosen_score": 3.0, "rejected_score": 1.0,
+        "reward_gap": 2.0, "chosen_length": 4, "rejected_length": 2, "length_gap": 2}
+    assert pairs[1]["prompt"] == SAMPLES[1]["prompt"]  # chat prompts are kept as they are
+    assert stats["mean_length_gap"] == 3.0 and stats["share_chosen_longer"] == 1.0
+    assert stats["reward_length_correlation"] > 0.9  # not 1: the cut response has no EOS token to count
+
+
+def test_reward_function_gets_the_user_prompt_text(tmp_path, reward_module):
+    run_label(tmp_path, reward_fn=f"{reward_module}:seen")
+    calls = sys.modules[reward_module].seen.calls
+    assert calls == [["list two fruits"] * 3 + ["name three colors"] * 3 + ["give two colors"] * 2]
+
+
+def test_reward_function_from_a_file_path(tmp_path, reward_module):
+    run_label(tmp_path, reward_fn=f"{tmp_path / 'toy_rewards.py'}:length")
+    assert len(common.read_jsonl(tmp_path / "pairs.jsonl")) == 2
+
+
+def test_ties_are_dropped_and_counted(tmp_path, reward_module):
+    rows = SAMPLES + [{"prompt": "list two fruits", "responses": [response("pear"), response("pear")]}]
+    with pytest.raises(common.UserError, match="no pair survived"):
+        run_label(tmp_path, rows, reward_fn=f"{reward_module}:constant")
+    stats = json.loads((tmp_path / "label_stats.json").read_text())
+    assert stats["dropped_ties"] == 3 and stats["pairs_written"] == 0 and not (tmp_path / "pairs.jsonl").exists()
+    (tmp_path / "label_stats.json").unlink()
+    stats = run_label(tmp_path, rows, reward_fn=f"{reward_module}:length")
+    assert stats["dropped_ties"] == 1  # the same text twice is a tie whatever the scores
+
+
+def test_unfinished_and_empty_responses_are_dropped_by_default(tmp_path, reward_module):
+    rows = [{"prompt": "give two colors", "responses": [response("red and blue and green", "length"),
+                                                        response("blue"), response("")]}]
+    with pytest.raises(common.UserError, match="1 with fewer than two usable"):
+        run_label(tmp_path, rows, reward_fn=f"{reward_module}:length")
+    stats = json.loads((tmp_path / "label_stats.json").read_text())
+    assert stats["unfinished_responses_excluded"] == 1 and stats["empty_responses_excluded"] == 1
+    assert stats["share_without_eos"] == pytest.approx(1 / 3)
+    (tmp_path / "label_stats.json").unlink()
+    run_label(tmp_path, rows, reward_fn=f"{reward_module}:length", keep_unfinished=True)
+    (pair,) = common.read_jsonl(tmp_path / "pairs.jsonl")
+    assert (pair["chosen"], pair["rejected"]) == ("red and blue and green", "blue")
+
+
+def test_pairs_below_the_margin_are_dropped(tmp_path, reward_module):
+    stats = run_label(tmp_path, reward_fn=f"{reward_module}:length", min_margin=2.5)
+    assert stats["pairs_written"] == 1 and stats["dropped_below_margin"] == 1
+
+
+def test_pairs_file_is_what_dpo_reads(tmp_path, reward_module):
+    from dpo import PAIR_FIELDS
+
+    run_label(tmp_path, reward_fn=f"{reward_module}:length")
+    rows = common.load_rows(str(tmp_path / "pairs.jsonl"), PAIR_FIELDS)
+    assert all(isinstance(r["chosen"], str) and isinstance(r["rejected"], str) for r in rows)
+
+
+def test_rerun_with_outputs_present_does_nothing(tmp_path, reward_module):
+    run_label(tmp_path, reward_fn=f"{reward_module}:length")
+    assert run_label(tmp_path, reward_fn=f"{reward_module}:broken") is None
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(label.main, (label.Settings,), argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    return err
+
+
+def test_nan_score_is_a_one_line_error_naming_the_row(tmp_path, reward_module, capsys):
+    samples = write_rows(tmp_path / "samples.jsonl", SAMPLES)
+    err = one_line_error(capsys, ["--samples", str(samples), "--reward_fn", f"{reward_module}:broken"])
+    assert "row 2: response 2 got score nan" in err
+
+
+def test_missing_field_is_a_one_line_error_naming_the_line(tmp_path, capsys):
+    samples = write_rows(tmp_path / "samples.jsonl", [SAMPLES[0], {"prompt": "list two fruits"}])
+    err = one_line_error(capsys, ["--samples", str(samples), "--reward_fn", "embedded:proxy_reward"])
+    assert "samples.jsonl:2: missing field 'responses'" in err
+
+
+def test_bad_response_and_bad_reward_spec_are_one_line_errors(tmp_path, capsys):
+    samples = write_rows(tmp_path / "samples.jsonl", [{"prompt": "x", "responses": [{"text": "a"}]}])
+    assert "row 1: response 1 needs" in one_line_error(capsys, ["--samples", str(samples), "--reward_fn", "a:b"])
+    samples = write_rows(tmp_path / "samples.jsonl", SAMPLES)
+    assert "cannot import no_such_module" in one_line_error(
+        capsys, ["--samples", str(samples), "--reward_fn", "no_such_module:f"])
+    assert "exactly one of" in one_line_error(capsys, ["--samples", str(samples)])
