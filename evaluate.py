@@ -1,0 +1,321 @@
+"""Evaluate a policy on held-out prompts with a gold scorer, against the dataset's reference and the SFT model.
+
+    python evaluate.py --model runs/dpo/iter1/model --sft_model runs/sft --prompts data/embedded/eval.jsonl \
+        --gold_fn embedded:gold_score --output_dir runs/dpo/iter1/eval --sft_generations runs/dpo/iter0/eval/generations.jsonl
+    python evaluate.py --summarize runs/dpo      # one table over runs/dpo/iter*/eval/eval.json
+
+The stage: one response per prompt from the policy (sampled as sample.py samples: sorted, left-padded
+batches, response i seeded by (seed, i)) -> log-probs of those responses under the policy and the SFT
+model -> the SFT model's responses to the same prompts with the same seeds (read from
+--sft_generations when that file exists, else generated and written there for the next iteration)
+-> gold scores of policy, SFT and reference ("chosen") responses -> metrics (the Hitchhiker's guide
+to *PO, section 2 of PAPERS.md), over the prompts:
+
+- gold_score: mean gold score of the policy's responses (also _sft and _chosen);
+- win_rate_vs_chosen, win_rate_vs_sft: share of prompts where the policy's response scores higher
+  (a tie counts half);
+- lc_win_rate_vs_sft: length-controlled, in the manner of AlpacaEval 2.0: a logistic regression
+  P(win) = sigmoid(a + b * tanh(dlen / sd(dlen))), dlen the policy-minus-SFT length in tokens, and
+  the predicted win rate at dlen = 0, sigmoid(a) (`length_controlled_win_rate`);
+- kl_vs_sft: mean over responses y ~ pi of sum_t [log pi(y_t) - log pi_sft(y_t)] (a Monte-Carlo KL
+  estimate at temperature 1 and top_p 1; at other settings it is the log-ratio on those samples);
+- kl_per_token_vs_sft: the same divided by |y| per response, then averaged;
+- length, length_sft, length_chosen: mean response tokens under the policy's tokenizer, EOS included
+  when emitted; share_without_eos: responses cut by max_new_tokens;
+- standard errors of the gold score, the win rates and the KL.
+
+Outputs in --output_dir: eval.json (the metrics, written last), generations.json (AlpacaEval's
+model-outputs format: instruction, output, generator, dataset), details.jsonl (per prompt: responses,
+lengths, scores, log-probs) and settings.json. The generated SFT responses go to --sft_generations
+(JSONL: prompt, output, num_tokens, finish_reason and the generation settings), or to
+output_dir/sft_generations.jsonl when no path is given. Under torchrun the prompts are split over
+processes (each holds a full copy of a model, one model at a time).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import re
+import typing
+from pathlib import Path
+
+import torch
+
+from common import (UserError, all_gather_objects, atomic_write_text, barrier, cleanup_distributed, collate,
+                    encode_prompts, encode_responses, generate_responses, inference_dtype, load_function, load_model,
+                    load_scorer, load_tokenizer, prompt_user_text, read_jsonl, response_seed, response_text,
+                    run_main, save_settings, sequence_logps, setting, setup_distributed, write_jsonl)
+
+GENERATION_KEYS = ("seed", "temperature", "top_p", "max_new_tokens")  # SFT generations must match these
+
+
+@dataclasses.dataclass
+class Settings:
+    model: str = setting("runs/sft", "policy to evaluate: a local Hugging Face directory or a hub id")
+    sft_model: str = setting("runs/sft", "the SFT (starting) model: the KL reference and the win-rate opponent")
+    prompts: str = setting("data/embedded/eval.jsonl", "held-out JSONL with `prompt` and `chosen` (the reference "
+                                                       "response); an optional `dataset` names the subset")
+    gold_fn: str = setting("", "gold scorer function module:function (or file.py:function), fn(prompts, responses) "
+                               "-> floats; e.g. embedded:gold_score. Must not be the reward used for labels")
+    gold_model: str = setting("", "gold reward model: a directory or hub id of a sequence classifier with one label")
+    sft_generations: str = setting("", "JSONL of the SFT model's responses: reused when it exists, else written; "
+                                       "empty: output_dir/sft_generations.jsonl, not reused")
+    output_dir: str = setting("runs/eval", "gets eval.json, generations.json, details.jsonl, settings.json")
+    max_new_tokens: int = setting(256, "response tokens at most (256: the Hitchhiker's guide's generation length)")
+    temperature: float = setting(1.0, "sampling temperature (1: the KL is an unbiased estimate); 0 is greedy")
+    top_p: float = setting(1.0, "nucleus sampling")
+    seed: int = setting(0, "response i is sampled with noise seeded by (seed, i), for policy and SFT alike")
+    batch_size: int = setting(32, "sequences per generate call and per log-prob pass, on each process")
+    gold_batch_size: int = setting(16, "gold reward model: sequences per forward pass")
+    gold_max_length: int = setting(0, "gold reward model: a longer conversation loses tokens from the left; 0: no "
+                                      "limit")
+    gold_text_format: str = setting("", "gold reward model without a chat template: its text, with {prompt} and "
+                                        "{response}; empty: its chat template, else its pair encoding")
+    generator: str = setting("", "the `generator` name in generations.json; empty: --model")
+    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "model dtype; auto: bfloat16 on GPU, float32 on CPU")
+    trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
+    summarize: str = setting("", "a run directory: print and save (summary.json, summary.md) the table of its "
+                                 "iter*/eval/eval.json, and do nothing else")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: pure functions of per-prompt numbers.
+
+def win(a: float, b: float) -> float:
+    return 1.0 if a > b else 0.5 if a == b else 0.0
+
+
+def mean_and_stderr(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    mean = sum(xs) / n
+    var = sum((x - mean) ** 2 for x in xs) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def length_controlled_win_rate(wins: list[float], length_diffs: list[float], l2: float = 1e-3) -> dict:
+    """AlpacaEval 2.0's idea with a single comparison model: fit
+    P(win) = sigmoid(a + b * tanh(dlen / sd(dlen))) to the wins (soft labels: a tie is 0.5) by Newton's
+    method on the mean log-likelihood minus l2/2 * (a^2 + b^2) (the penalty keeps a finite when every
+    prompt is won); return {"lc_win_rate": sigmoid(a), the win rate at zero length difference,
+    "intercept": a, "slope": b, "length_scale": sd(dlen)}. With equal lengths it is the plain win rate,
+    up to the penalty's pull toward 0.5 (about l2 * logit / (p (1 - p)) on the logit).
+    """
+    y = torch.tensor(wins, dtype=torch.float64)
+    d = torch.tensor(length_diffs, dtype=torch.float64)
+    scale = float(d.std()) if len(d) > 1 else 0.0
+    x = torch.tanh(d / scale) if scale > 0 else torch.zeros_like(d)
+    features = torch.stack([torch.ones_like(x), x], dim=1)
+    w = torch.zeros(2, dtype=torch.float64)
+    for _ in range(100):
+        p = torch.sigmoid(features @ w)
+        grad = features.T @ (p - y) / len(y) + l2 * w
+        hessian = (features.T * (p * (1 - p))) @ features / len(y) + l2 * torch.eye(2, dtype=torch.float64)
+        step = torch.linalg.solve(hessian, grad)
+        w -= step
+        if step.abs().max() < 1e-12:
+            break
+    return {"lc_win_rate": float(torch.sigmoid(w[0])), "intercept": float(w[0]), "slope": float(w[1]),
+            "length_scale": scale}
+
+
+def metrics(records: list[dict]) -> dict:
+    """eval.json's numbers from the per-prompt records (see the module docstring)."""
+    out = {"prompts": len(records)}
+    for name, values in {
+        "gold_score": [r["gold"] for r in records],
+        "win_rate_vs_chosen": [win(r["gold"], r["chosen_gold"]) for r in records],
+        "win_rate_vs_sft": [win(r["gold"], r["sft_gold"]) for r in records],
+        "kl_vs_sft": [r["logp"] - r["sft_logp"] for r in records],
+        "kl_per_token_vs_sft": [(r["logp"] - r["sft_logp"]) / r["num_tokens"] for r in records],
+    }.items():
+        out[name], out[name + "_stderr"] = mean_and_stderr(values)
+    fit = length_controlled_win_rate([win(r["gold"], r["sft_gold"]) for r in records],
+                                     [r["num_tokens"] - r["sft_num_tokens"] for r in records])
+    out["lc_win_rate_vs_sft"] = fit.pop("lc_win_rate")
+    out["lc_fit"] = fit
+    n = len(records)
+    out.update({
+        "gold_score_sft": sum(r["sft_gold"] for r in records) / n,
+        "gold_score_chosen": sum(r["chosen_gold"] for r in records) / n,
+        "length": sum(r["num_tokens"] for r in records) / n,
+        "length_sft": sum(r["sft_num_tokens"] for r in records) / n,
+        "length_chosen": sum(r["chosen_num_tokens"] for r in records) / n,
+        "share_without_eos": sum(r["finish_reason"] == "length" for r in records) / n,
+        "share_without_eos_sft": sum(r["sft_finish_reason"] == "length" for r in records) / n,
+    })
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: generation, log-probs, SFT generations on file.
+
+@torch.inference_mode()
+def response_logps(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                   batch_size: int) -> list[float]:
+    """log pi(response | prompt) summed over response tokens, per pair, in batches sorted by length."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
+    out = [0.0] * len(order)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        ids, mask, resp = collate([(prompt_ids[i], response_ids[i]) for i in batch], pad_id, device)
+        for i, value in zip(batch, sequence_logps(model, ids, mask, resp).tolist()):
+            out[i] = value
+    return out
+
+
+def same_model(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def read_sft_generations(path: Path, rows: list[dict], s: Settings) -> list[dict]:
+    """The saved SFT responses; they must answer these prompts, in this order, with these settings."""
+    saved = read_jsonl(path, required={"prompt": (str, list), "output": str, "num_tokens": int,
+                                       "finish_reason": str})
+    if len(saved) != len(rows):
+        raise UserError(f"{path}: {len(saved)} SFT responses for {len(rows)} prompts in {s.prompts}; remove it to "
+                        "generate them again")
+    for i, (old, row) in enumerate(zip(saved, rows)):
+        if old["prompt"] != row["prompt"]:
+            raise UserError(f"{path}:{i + 1}: answers another prompt than {s.prompts} row {i + 1}")
+        changed = [f"{k} {old.get(k)} (now {getattr(s, k)})" for k in GENERATION_KEYS if old.get(k) != getattr(s, k)]
+        if changed:
+            raise UserError(f"{path}:{i + 1}: generated with {', '.join(changed)}; remove it or use those settings")
+    return saved
+
+
+def generate(model, tokenizer, prompt_ids, indices, s: Settings, desc: str | None) -> list[dict]:
+    return generate_responses(model, tokenizer, prompt_ids, [response_seed(s.seed, i, 0) for i in indices],
+                              s.max_new_tokens, s.temperature, s.top_p, s.batch_size, desc)
+
+
+def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_saved: list[dict] | None) -> list[dict]:
+    """Per-prompt records for the prompts in `indices`: responses, lengths, log-probs, gold scores."""
+    dtype = inference_dtype(s.dtype, d.device)
+    tokenizer = load_tokenizer(s.model, s.trust_remote_code)
+    prompt_ids = encode_prompts(tokenizer, [rows[i]["prompt"] for i in indices])
+    chosen_texts = [response_text(rows[i]["chosen"]) for i in indices]
+    model = load_model(s.model, dtype, s.trust_remote_code).to(d.device)
+    show = "evaluate: policy" if d.is_main else None
+    policy = generate(model, tokenizer, prompt_ids, indices, s, show)
+    response_ids = [g["token_ids"] for g in policy]
+    logps = response_logps(model, prompt_ids, response_ids, tokenizer.pad_token_id, s.batch_size)
+    sft = None
+    if same_model(s.model, s.sft_model):
+        sft_logps = logps
+        sft = policy if sft_saved is None else None
+    else:
+        free(model)
+        sft_tokenizer = load_tokenizer(s.sft_model, s.trust_remote_code)
+        if sft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"{s.sft_model}: another vocabulary than {s.model}; the KL needs the same tokenizer")
+        model = load_model(s.sft_model, dtype, s.trust_remote_code).to(d.device)
+        sft_logps = response_logps(model, prompt_ids, response_ids, tokenizer.pad_token_id, s.batch_size)
+        if sft_saved is None:
+            sft = generate(model, tokenizer, prompt_ids, indices, s, "evaluate: SFT" if d.is_main else None)
+    free(model)
+    if sft is None:
+        sft = [{"text": sft_saved[i]["output"], "num_tokens": sft_saved[i]["num_tokens"],
+                "finish_reason": sft_saved[i]["finish_reason"]} for i in indices]
+    scorer = load_scorer(s.gold_fn, s.gold_model, d.device, dtype, s.gold_batch_size, s.gold_max_length,
+                         s.gold_text_format, s.trust_remote_code, flag="gold")
+    prompts = [rows[i]["prompt"] for i in indices]
+    gold = scorer(prompts * 3, [g["text"] for g in policy] + chosen_texts + [g["text"] for g in sft])
+    bad = next((v for v in gold if not math.isfinite(v)), None)
+    if bad is not None:
+        raise UserError(f"gold scorer returned {bad}; scores must be finite numbers")
+    n = len(indices)
+    chosen_lengths = [len(x) for x in encode_responses(tokenizer, chosen_texts)]
+    return [{"index": i, "prompt": rows[i]["prompt"], "output": policy[k]["text"],
+             "num_tokens": policy[k]["num_tokens"], "finish_reason": policy[k]["finish_reason"], "gold": gold[k],
+             "logp": logps[k], "sft_logp": sft_logps[k], "chosen": chosen_texts[k],
+             "chosen_num_tokens": chosen_lengths[k], "chosen_gold": gold[n + k], "sft_output": sft[k]["text"],
+             "sft_num_tokens": sft[k]["num_tokens"], "sft_finish_reason": sft[k]["finish_reason"],
+             "sft_gold": gold[2 * n + k]} for k, i in enumerate(indices)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary over the iterations of a run.
+
+SUMMARY_COLUMNS = (("gold", "gold_score"), ("win/chosen", "win_rate_vs_chosen"), ("win/SFT", "win_rate_vs_sft"),
+                   ("LC win/SFT", "lc_win_rate_vs_sft"), ("KL", "kl_vs_sft"), ("KL/token", "kl_per_token_vs_sft"),
+                   ("length", "length"), ("no EOS", "share_without_eos"))
+
+
+def summarize(run_dir: str) -> list[dict]:
+    """Print a markdown table of run_dir/iter*/eval/eval.json and write summary.json and summary.md there."""
+    found = {int(m.group(1)): p for p in Path(run_dir).glob("iter*/eval/eval.json")
+             if (m := re.fullmatch(r"iter(\d+)", p.parent.parent.name))}
+    if not found:
+        raise UserError(f"{run_dir}: no iter*/eval/eval.json; run evaluate.py on the iterations first")
+    table = [{"iteration": k, **json.loads(found[k].read_text(encoding="utf-8"))} for k in sorted(found)]
+    lines = ["| iteration | " + " | ".join(name for name, _ in SUMMARY_COLUMNS) + " |",
+             "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
+    for row in table:
+        cells = [f"{row[key]:.3f}" if isinstance(row.get(key), (int, float)) else "-" for _, key in SUMMARY_COLUMNS]
+        lines.append(f"| {row['iteration']} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(table, indent=1) + "\n")
+    atomic_write_text(Path(run_dir) / "summary.md", text)
+    print(text, end="")
+    return table
+
+
+def main(s: Settings) -> dict | list | None:
+    """Evaluate; return the metrics (or the summary table with --summarize)."""
+    if s.summarize:
+        return summarize(s.summarize)
+    out = Path(s.output_dir)
+    if (out / "eval.json").is_file():
+        print(f"{out / 'eval.json'} exists; nothing to do (remove it to evaluate again)")
+        return json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    if s.max_new_tokens < 1 or s.batch_size < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
+        raise UserError("need --max_new_tokens >= 1, --batch_size >= 1, --temperature >= 0, 0 < --top_p <= 1")
+    if bool(s.gold_fn) == bool(s.gold_model):
+        raise UserError("give exactly one of --gold_fn module:function and --gold_model DIR_OR_HUB_ID")
+    if s.gold_fn:
+        load_function(s.gold_fn, "--gold_fn")  # a wrong name fails now, not after generating
+    rows = read_jsonl(s.prompts, required={"prompt": (str, list), "chosen": (str, list)})
+    sft_path = Path(s.sft_generations) if s.sft_generations else out / "sft_generations.jsonl"
+    sft_saved = read_sft_generations(sft_path, rows, s) if s.sft_generations and sft_path.is_file() else None
+    d = setup_distributed()
+    records = []
+    for part in all_gather_objects(d, evaluate_shard(s, d, rows, list(range(d.rank, len(rows), d.world_size)),
+                                                     sft_saved)):
+        records += part
+    records.sort(key=lambda r: r["index"])
+    result = metrics(records)
+    if d.is_main:
+        generator = s.generator or s.model
+        dataset = Path(s.prompts).stem
+        atomic_write_text(out / "generations.json", json.dumps(
+            [{"instruction": prompt_user_text(r["prompt"]), "output": r["output"], "generator": generator,
+              "dataset": rows[r["index"]].get("dataset", dataset)} for r in records], indent=1, ensure_ascii=False))
+        write_jsonl(out / "details.jsonl", records)
+        if sft_saved is None:
+            write_jsonl(sft_path, [{"prompt": r["prompt"], "output": r["sft_output"], "num_tokens": r["sft_num_tokens"],
+                                    "finish_reason": r["sft_finish_reason"], "generator": s.sft_model,
+                                    **{k: getattr(s, k) for k in GENERATION_KEYS}} for r in records])
+        save_settings(out, s)
+        result = {"model": s.model, "sft_model": s.sft_model, "eval_prompts": s.prompts,
+                  "gold": s.gold_fn or s.gold_model, **{k: getattr(s, k) for k in GENERATION_KEYS}, **result}
+        atomic_write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")  # last: marks the stage done
+        print(f"wrote {out / 'eval.json'}: gold {result['gold_score']:.3f}, win vs SFT {result['win_rate_vs_sft']:.3f} "
+              f"(LC {result['lc_win_rate_vs_sft']:.3f}), KL {result['kl_vs_sft']:.2f}, length {result['length']:.1f}")
+    barrier(d)
+    cleanup_distributed()
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main, (Settings,))

@@ -1,0 +1,195 @@
+"""evaluate.py: KL of the SFT model against itself is 0; win rates in [0, 1]; the length-controlled
+win rate is the plain one when lengths are equal and removes a pure length effect; output files in
+their formats; SFT generations reused; the summary table over iterations."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+import evaluate  # noqa: E402
+
+WORDS = "list name give two three fruits colors apple pear plum red blue green and or".split()
+TEMPLATE = ("{{ bos_token }}{% for m in messages %} {{ m['role'] }}: {{ m['content'] }}"
+            "{% if m['role'] == 'assistant' %} {{ eos_token }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %} assistant:{% endif %}")
+
+
+def save_policy(path: Path, seed: int) -> Path:
+    """A tiny LlamaForCausalLM with a word-level tokenizer (decode joins words with spaces)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "user:", "assistant:", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                        unk_token="<unk>", chat_template=TEMPLATE, clean_up_tokenization_spaces=False)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy 2-core machine makes them spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """sft, a copy of it under another path (same weights), and another policy (other weights)."""
+    root = tmp_path_factory.mktemp("models")
+    sft = save_policy(root / "sft", seed=0)
+    shutil.copytree(sft, root / "sft_copy")
+    return {"sft": sft, "sft_copy": root / "sft_copy", "policy": save_policy(root / "policy", seed=1)}
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
+             "chosen": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 5)))} for _ in range(12)]
+    rows[3]["prompt"] = [{"role": "user", "content": "list two fruits"}]
+    rows[4]["dataset"] = "helpful"
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gold_module(tmp_path_factory) -> str:
+    """A gold scorer on sys.path that pays for the words 'apple' and 'red' and a little for brevity."""
+    folder = tmp_path_factory.mktemp("gold")
+    (folder / "toy_gold.py").write_text(
+        "def score(prompts, responses):\n"
+        "    return [sum(w in ('apple', 'red') for w in r.split()) - 0.1 * len(r.split()) for r in responses]\n",
+        encoding="utf-8")
+    sys.path.insert(0, str(folder))
+    yield "toy_gold:score"
+    sys.path.remove(str(folder))
+
+
+def run_eval(models, eval_file, gold_module, out: Path, model="policy", **overrides) -> dict:
+    overrides = {"max_new_tokens": 10, "batch_size": 5, **overrides}
+    s = evaluate.Settings(model=str(models[model]), sft_model=str(models["sft"]), prompts=str(eval_file),
+                          gold_fn=gold_module, output_dir=str(out), **overrides)
+    return evaluate.main(s)
+
+
+def test_kl_of_the_sft_model_against_itself_is_zero(models, eval_file, gold_module, tmp_path):
+    """The copy is loaded, sampled and scored separately: same weights and seeds give the same
+    responses (every comparison a tie) and the same log-probs."""
+    result = run_eval(models, eval_file, gold_module, tmp_path / "eval", model="sft_copy")
+    assert result["kl_vs_sft"] == 0.0 and result["kl_per_token_vs_sft"] == 0.0
+    assert result["win_rate_vs_sft"] == 0.5 and result["lc_win_rate_vs_sft"] == pytest.approx(0.5)
+    assert result["length"] == result["length_sft"] and result["gold_score"] == result["gold_score_sft"]
+
+
+def test_metrics_and_output_files_are_well_formed(models, eval_file, gold_module, tmp_path):
+    result = run_eval(models, eval_file, gold_module, tmp_path / "eval", sft_generations=str(tmp_path / "sft.jsonl"))
+    for key in ("win_rate_vs_chosen", "win_rate_vs_sft", "lc_win_rate_vs_sft", "share_without_eos"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["prompts"] == 12 and result["kl_vs_sft"] != 0.0
+    assert all(isinstance(result[k], float) and result[k] == result[k] for k in
+               ("gold_score", "kl_vs_sft", "kl_per_token_vs_sft", "length", "length_sft", "length_chosen"))
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == result
+
+    rows = common.read_jsonl(eval_file)
+    generations = json.loads((tmp_path / "eval" / "generations.json").read_text())
+    assert [set(g) for g in generations] == [{"instruction", "output", "generator", "dataset"}] * 12
+    assert [g["instruction"] for g in generations] == [common.prompt_user_text(r["prompt"]) for r in rows]
+    assert generations[3]["instruction"] == "list two fruits" and generations[4]["dataset"] == "helpful"
+    assert generations[0]["dataset"] == "eval" and generations[0]["generator"] == str(models["policy"])
+
+    details = common.read_jsonl(tmp_path / "eval" / "details.jsonl")
+    assert [d["output"] for d in details] == [g["output"] for g in generations]
+    kl = sum(d["logp"] - d["sft_logp"] for d in details) / 12
+    assert result["kl_vs_sft"] == pytest.approx(kl)
+    wins = [1.0 if d["gold"] > d["sft_gold"] else 0.5 if d["gold"] == d["sft_gold"] else 0.0 for d in details]
+    assert result["win_rate_vs_sft"] == pytest.approx(sum(wins) / 12)
+    sft = common.read_jsonl(tmp_path / "sft.jsonl")
+    assert [r["output"] for r in sft] == [d["sft_output"] for d in details]
+    assert sft[0]["seed"] == 0 and sft[0]["max_new_tokens"] == 10
+
+
+def test_saved_sft_generations_are_reused(models, eval_file, gold_module, tmp_path, monkeypatch):
+    sft_file = tmp_path / "sft.jsonl"
+    first = run_eval(models, eval_file, gold_module, tmp_path / "a", sft_generations=str(sft_file))
+    calls = []
+    real = evaluate.generate_responses
+    monkeypatch.setattr(evaluate, "generate_responses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = run_eval(models, eval_file, gold_module, tmp_path / "b", sft_generations=str(sft_file))
+    assert len(calls) == 1  # the policy only
+    assert second == {**first, "model": second["model"]}
+    with pytest.raises(common.UserError, match="max_new_tokens 10 \\(now 12\\)"):
+        run_eval(models, eval_file, gold_module, tmp_path / "c", sft_generations=str(sft_file), max_new_tokens=12)
+
+
+def test_rerun_with_eval_json_present_does_nothing(models, eval_file, gold_module, tmp_path, monkeypatch):
+    first = run_eval(models, eval_file, gold_module, tmp_path / "eval")
+    monkeypatch.setattr(evaluate, "generate_responses", lambda *a, **k: pytest.fail("evaluated again"))
+    assert run_eval(models, eval_file, gold_module, tmp_path / "eval") == first
+
+
+def test_lc_win_rate_with_equal_lengths_is_the_plain_win_rate():
+    wins = [1, 0, 1, 0.5, 1, 0, 1, 1, 0.5, 0]
+    fit = evaluate.length_controlled_win_rate(wins, [0] * len(wins))
+    assert fit["lc_win_rate"] == pytest.approx(sum(wins) / len(wins), abs=2e-3) and fit["slope"] == 0.0
+
+
+def test_lc_win_rate_removes_a_pure_length_effect():
+    """Wins drawn from P(win) = sigmoid(2 tanh(dlen / sd)), with the policy mostly longer: the plain
+    win rate is well above 0.5, the length-controlled one is about 0.5 (the intercept is 0)."""
+    rng = random.Random(0)
+    diffs = [rng.gauss(3.0, 4.0) for _ in range(4000)]
+    sd = torch.tensor(diffs).std().item()
+    wins = [float(rng.random() < torch.sigmoid(torch.tensor(2 * torch.tanh(torch.tensor(d / sd)).item())).item())
+            for d in diffs]
+    fit = evaluate.length_controlled_win_rate(wins, diffs)
+    assert sum(wins) / len(wins) > 0.65
+    assert fit["lc_win_rate"] == pytest.approx(0.5, abs=0.04) and fit["slope"] == pytest.approx(2.0, abs=0.3)
+
+
+def test_lc_win_rate_stays_finite_when_every_prompt_is_won():
+    fit = evaluate.length_controlled_win_rate([1.0] * 20, list(range(20)))
+    assert 0.9 < fit["lc_win_rate"] <= 1.0
+
+
+def test_summarize_tabulates_the_iterations(tmp_path, capsys):
+    for k, gold in ((0, 0.4), (1, 0.5), (10, 0.6)):
+        folder = tmp_path / f"iter{k}" / "eval"
+        folder.mkdir(parents=True)
+        (folder / "eval.json").write_text(json.dumps({"gold_score": gold, "length": 7.0}))
+    table = evaluate.main(evaluate.Settings(summarize=str(tmp_path)))
+    assert [row["iteration"] for row in table] == [0, 1, 10] and table[2]["gold_score"] == 0.6
+    printed = capsys.readouterr().out
+    assert "| 10 | 0.600 |" in printed and (tmp_path / "summary.md").read_text() == printed
+    assert json.loads((tmp_path / "summary.json").read_text()) == table
+
+
+def test_missing_chosen_is_a_one_line_error(models, gold_module, tmp_path, capsys):
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text('{"prompt": "list two fruits"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit):
+        common.run_main(evaluate.main, (evaluate.Settings,), argv=[
+            "--model", str(models["sft"]), "--prompts", str(bad), "--gold_fn", gold_module,
+            "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert err == f"error: {bad}:1: missing field 'chosen'\n"
