@@ -1049,7 +1049,8 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: lis
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     out: list[dict | None] = [None] * len(prompt_ids)
-    for batch in tqdm(batches, desc=desc, disable=desc is None, dynamic_ncols=True):
+    off = {} if desc else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE
+    for batch in tqdm(batches, desc=desc, dynamic_ncols=True, **off):
         width = max(len(prompt_ids[i]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

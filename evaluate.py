@@ -180,8 +180,10 @@ def free(model) -> None:
 
 def read_sft_generations(path: Path, rows: list[dict], s: Settings) -> list[dict]:
     """The saved SFT responses; they must answer these prompts, in this order, with these settings."""
-    saved = read_jsonl(path, required={"prompt": (str, list), "output": str, "num_tokens": int,
-                                       "finish_reason": str})
+    saved = read_jsonl(path, required={"prompt": (str, list), "num_tokens": int, "finish_reason": str})
+    for i, row in enumerate(saved):  # an empty output is a fine response, so not in `required`
+        if not isinstance(row.get("output"), str):
+            raise UserError(f"{path}:{i + 1}: needs an `output` string")
     if len(saved) != len(rows):
         raise UserError(f"{path}: {len(saved)} SFT responses for {len(rows)} prompts in {s.prompts}; remove it to "
                         "generate them again")

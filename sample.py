@@ -43,7 +43,8 @@ class Settings:
     prompts: str = setting("data/embedded/prompts.jsonl", "JSONL with `prompt` (a string or chat messages); other "
                                                           "fields are carried into the output")
     output: str = setting("runs/samples.jsonl", "samples JSONL to write (atomically); skipped if already complete")
-    n: int = setting(4, "responses per prompt")
+    n: int = dataclasses.field(default=4, metadata={  # torchrun takes `--n` for an abbreviation of its own flags
+        "help": "responses per prompt (under torchrun, spell it --num_responses)", "aliases": ["--num_responses"]})
     temperature: float = setting(1.0, "sampling temperature; 0 is greedy")
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     max_new_tokens: int = setting(256, "response tokens at most; a response cut here gets finish_reason 'length'")

@@ -205,3 +205,20 @@ def test_seeded_sampler_draws_from_the_tempered_softmax_and_respects_top_p():
     assert torch.all((freq - p).abs() < 4 * (p * (1 - p) / n).sqrt() + 1e-3)
     top = common.SeededSampler(seeds, 3, 1.0, 0.7)(ids, scores).argmax(-1)
     assert set(top.tolist()) == {0, 1}  # softmax mass: 0.61, 0.22 (cumulative 0.84 >= 0.7), ...
+
+
+def test_two_processes_write_the_same_file_as_one(policy_dir, prompts_file, tmp_path):
+    """torchrun, 2 CPU processes (gloo): strided prompts, gathered to rank 0, in input order; the
+    per-response seeds make the file equal to one process's with another batch size."""
+    import os
+    import subprocess
+
+    run_sample(policy_dir, prompts_file, tmp_path / "one.jsonl", batch_size=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    root = Path(sample.__file__).resolve().parent
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(root / "sample.py"), "--model", str(policy_dir), "--prompts", str(prompts_file),
+                    "--output", str(tmp_path / "two.jsonl"), "--num_responses", "4", "--max_new_tokens", "8",
+                    "--batch_size", "3", "--save_every", "2"], check=True, env=env, cwd=tmp_path, timeout=120,
+                   capture_output=True)
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
