@@ -1,7 +1,8 @@
-"""Evaluate a policy on held-out prompts with a gold scorer, against the dataset's reference and the SFT model.
+r"""Evaluate a policy on held-out prompts with a gold scorer, against the dataset's reference and the SFT model.
 
     python evaluate.py --model runs/dpo/iter1/model --sft_model runs/sft --prompts data/embedded/eval.jsonl \
-        --gold_fn embedded:gold_score --output_dir runs/dpo/iter1/eval --sft_generations runs/dpo/iter0/eval/generations.jsonl
+        --gold_fn embedded:gold_score --output_dir runs/dpo/iter1/eval \
+        --sft_generations runs/dpo/iter0/eval/generations.jsonl
     python evaluate.py --summarize runs/dpo      # one table over runs/dpo/iter*/eval/eval.json
 
 The stage: one response per prompt from the policy (sampled as sample.py samples: sorted, left-padded
@@ -45,8 +46,8 @@ import torch
 
 from common import (UserError, all_gather_objects, atomic_write_text, barrier, cleanup_distributed, collate,
                     encode_prompts, encode_responses, generate_responses, inference_dtype, load_function, load_model,
-                    load_scorer, load_tokenizer, prompt_user_text, read_jsonl, response_seed, response_text,
-                    run_main, save_settings, sequence_logps, setting, setup_distributed, write_jsonl)
+                    load_rows, load_scorer, load_tokenizer, prompt_user_text, read_jsonl, response_seed,
+                    response_text, run_main, save_settings, sequence_logps, setting, setup_distributed, write_jsonl)
 
 GENERATION_KEYS = ("seed", "temperature", "top_p", "max_new_tokens")  # SFT generations must match these
 
@@ -55,8 +56,9 @@ GENERATION_KEYS = ("seed", "temperature", "top_p", "max_new_tokens")  # SFT gene
 class Settings:
     model: str = setting("runs/sft", "policy to evaluate: a local Hugging Face directory or a hub id")
     sft_model: str = setting("runs/sft", "the SFT (starting) model: the KL reference and the win-rate opponent")
-    prompts: str = setting("data/embedded/eval.jsonl", "held-out JSONL with `prompt` and `chosen` (the reference "
-                                                       "response); an optional `dataset` names the subset")
+    prompts: str = setting("data/embedded/eval.jsonl", "held-out rows with `prompt` and `chosen` (the reference "
+                                                       "response), JSONL or a dataset; an optional `dataset` names "
+                                                       "the subset")
     gold_fn: str = setting("", "gold scorer function module:function (or file.py:function), fn(prompts, responses) "
                                "-> floats; e.g. embedded:gold_score. Must not be the reward used for labels")
     gold_model: str = setting("", "gold reward model: a directory or hub id of a sequence classifier with one label")
@@ -287,7 +289,7 @@ def main(s: Settings) -> dict | list | None:
         raise UserError("give exactly one of --gold_fn module:function and --gold_model DIR_OR_HUB_ID")
     if s.gold_fn:
         load_function(s.gold_fn, "--gold_fn")  # a wrong name fails now, not after generating
-    rows = read_jsonl(s.prompts, required={"prompt": (str, list), "chosen": (str, list)})
+    rows = load_rows(s.prompts, required={"prompt": (str, list), "chosen": (str, list)})
     sft_path = Path(s.sft_generations) if s.sft_generations else out / "sft_generations.jsonl"
     sft_saved = read_sft_generations(sft_path, rows, s) if s.sft_generations and sft_path.is_file() else None
     d = setup_distributed()

@@ -31,8 +31,8 @@ import typing
 from pathlib import Path
 
 from common import (UserError, all_gather_objects, barrier, cleanup_distributed, encode_prompts, generate_responses,
-                    inference_dtype, load_model, load_tokenizer, read_jsonl, response_seed, run_main, save_settings,
-                    setting, setup_distributed, write_jsonl)
+                    inference_dtype, load_model, load_rows, load_tokenizer, read_jsonl, response_seed, run_main,
+                    save_settings, setting, setup_distributed, write_jsonl)
 
 RESPONSE_FIELDS = ("text", "num_tokens", "finish_reason")
 
@@ -40,8 +40,8 @@ RESPONSE_FIELDS = ("text", "num_tokens", "finish_reason")
 @dataclasses.dataclass
 class Settings:
     model: str = setting("runs/sft", "policy: a local Hugging Face directory or a hub id")
-    prompts: str = setting("data/embedded/prompts.jsonl", "JSONL with `prompt` (a string or chat messages); other "
-                                                          "fields are carried into the output")
+    prompts: str = setting("data/embedded/prompts.jsonl", "rows with `prompt` (a string or chat messages): JSONL, a "
+                                                          "saved dataset or a hub id; other fields are carried along")
     output: str = setting("runs/samples.jsonl", "samples JSONL to write (atomically); skipped if already complete")
     n: int = dataclasses.field(default=4, metadata={  # torchrun takes `--n` for an abbreviation of its own flags
         "help": "responses per prompt (under torchrun, spell it --num_responses)", "aliases": ["--num_responses"]})
@@ -68,7 +68,8 @@ def check_settings(s: Settings) -> None:
 
 def run_key(s: Settings) -> str:
     """What a saved part must have been made with to be reused (not batch size or engine layout)."""
-    keep = ("model", "prompts", "n", "temperature", "top_p", "max_new_tokens", "max_prompt_length", "seed", "engine")
+    keep = ("model", "prompts", "n", "temperature", "top_p", "max_new_tokens", "max_prompt_length", "seed", "dtype",
+            "engine")
     return json.dumps({k: getattr(s, k) for k in keep}, sort_keys=True)
 
 
@@ -132,7 +133,7 @@ def sample_vllm(s: Settings, d, prompts: list, indices: list[int], on_part) -> N
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
     dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[s.dtype]
     llm = LLM(s.model, dtype=dtype, seed=s.seed, trust_remote_code=s.trust_remote_code)
-    stops = {tokenizer.eos_token_id}
+    stops = {tokenizer.eos_token_id, *tokenizer.all_special_ids}  # vLLM also stops at the config's end-of-turn ids
     ids = dict(zip(indices, encode_prompts(tokenizer, [prompts[i] for i in indices])))
     if s.max_prompt_length:
         ids = {i: x[-s.max_prompt_length:] for i, x in ids.items()}
@@ -169,7 +170,7 @@ def output_complete(path: Path, n_prompts: int) -> bool:
 
 def main(s: Settings) -> None:
     check_settings(s)
-    rows = read_jsonl(s.prompts, required={"prompt": (str, list)})
+    rows = load_rows(s.prompts, required={"prompt": (str, list)})
     output = Path(s.output)
     if output_complete(output, len(rows)):
         print(f"{output} is complete; nothing to do (remove it to sample again)")

@@ -85,7 +85,8 @@ def reward_module(tmp_path, monkeypatch) -> str:
         "def length(prompts, responses):\n    return [float(len(r.split())) for r in responses]\n"
         "def constant(prompts, responses):\n    return [1.0 for _ in responses]\n"
         "def broken(prompts, responses):\n    return [float('nan') if i == 4 else 0.0 for i in range(len(responses))]\n"
-        "def seen(prompts, responses):\n    seen.calls.append(list(prompts))\n    return [0.0 + i for i in range(len(responses))]\n"
+        "def seen(prompts, responses):\n    seen.calls.append(list(prompts))\n"
+        "    return [float(i) for i in range(len(responses))]\n"
         "seen.calls = []\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("toy_rewards", None)
