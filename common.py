@@ -1132,7 +1132,12 @@ class RewardModel:
             messages = prompt_messages(prompt) + [{"role": "assistant", "content": response}]
             ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
         elif self.text_format:
-            ids = tok(self.text_format.format(prompt=prompt_user_text(prompt), response=response))["input_ids"]
+            try:
+                text = self.text_format.format(prompt=prompt_user_text(prompt), response=response)
+            except (KeyError, IndexError, ValueError) as e:
+                raise UserError(f"text format {self.text_format!r}: only {{prompt}} and {{response}} may be in "
+                                f"braces ({type(e).__name__}: {e})") from None
+            ids = tok(text)["input_ids"]
         else:
             ids = tok(prompt_user_text(prompt), response)["input_ids"]
         return ids[-self.max_length:] if self.max_length else ids

@@ -10,7 +10,8 @@ beside the samples):
 - pairs.jsonl: one row per kept prompt, what dpo.py reads: {"prompt", "chosen", "rejected",
   "chosen_score", "rejected_score", "reward_gap", "chosen_length", "rejected_length", "length_gap"}
   (lengths in policy tokens, EOS included; gaps are chosen minus rejected);
-- label_stats.json: counts (prompts, responses scored, pairs written, drops by reason) and the length
+- label_stats.json: counts (prompts, responses scored, pairs written; prompts dropped as ties, below the
+  margin, or with fewer than two usable responses; responses left out as unfinished or empty) and the length
   signals that iLR-DPO is about: the mean chosen-minus-rejected length gap, the share of pairs whose
   chosen response is the longer, the correlation of reward with length (pooled, and within prompt:
   scores and lengths centred on their prompt's mean), and the share of responses without EOS.
@@ -129,9 +130,8 @@ def label_stats(rows: list[dict], pairs: list[dict], drops: dict[str, int], keep
         "dropped_ties": drops["tie"],
         "dropped_below_margin": drops["below_margin"],
         "dropped_fewer_than_two_usable": drops["fewer_than_two"],
-        "unfinished_responses_excluded": 0 if keep_unfinished else sum(r["finish_reason"] == "length"
-                                                                       for r in responses),
-        "empty_responses_excluded": sum(not r["text"] for r in responses),
+        "dropped_unfinished": 0 if keep_unfinished else sum(r["finish_reason"] == "length" for r in responses),
+        "dropped_empty": sum(not r["text"] for r in responses),
         "mean_length_gap": sum(gaps) / len(gaps) if gaps else None,
         "share_chosen_longer": sum(g > 0 for g in gaps) / len(gaps) if gaps else None,
         "share_chosen_shorter": sum(g < 0 for g in gaps) / len(gaps) if gaps else None,

@@ -177,7 +177,7 @@ def test_unfinished_and_empty_responses_are_dropped_by_default(tmp_path, reward_
     with pytest.raises(common.UserError, match="1 with fewer than two usable"):
         run_label(tmp_path, rows, reward_fn=f"{reward_module}:length")
     stats = json.loads((tmp_path / "label_stats.json").read_text())
-    assert stats["unfinished_responses_excluded"] == 1 and stats["empty_responses_excluded"] == 1
+    assert stats["dropped_unfinished"] == 1 and stats["dropped_empty"] == 1
     assert stats["share_without_eos"] == pytest.approx(1 / 3)
     (tmp_path / "label_stats.json").unlink()
     run_label(tmp_path, rows, reward_fn=f"{reward_module}:length", keep_unfinished=True)
