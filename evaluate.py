@@ -193,6 +193,8 @@ def read_sft_generations(path: Path, rows: list[dict], s: Settings) -> list[dict
         if old["prompt"] != row["prompt"]:
             raise UserError(f"{path}:{i + 1}: answers another prompt than {s.prompts} row {i + 1}")
         changed = [f"{k} {old.get(k)} (now {getattr(s, k)})" for k in GENERATION_KEYS if old.get(k) != getattr(s, k)]
+        if not same_model(str(old.get("generator")), s.sft_model):
+            changed.append(f"model {old.get('generator')} (now {s.sft_model})")
         if changed:
             raise UserError(f"{path}:{i + 1}: generated with {', '.join(changed)}; remove it or use those settings")
     return saved

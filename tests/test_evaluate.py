@@ -140,6 +140,10 @@ def test_saved_sft_generations_are_reused(models, eval_file, gold_module, tmp_pa
     assert second == {**first, "model": second["model"]}
     with pytest.raises(common.UserError, match="max_new_tokens 10 \\(now 12\\)"):
         run_eval(models, eval_file, gold_module, tmp_path / "c", sft_generations=str(sft_file), max_new_tokens=12)
+    with pytest.raises(common.UserError, match="model .*sft \\(now .*policy\\)"):
+        evaluate.main(evaluate.Settings(model=str(models["policy"]), sft_model=str(models["policy"]),
+                                        prompts=str(eval_file), gold_fn=gold_module, output_dir=str(tmp_path / "d"),
+                                        sft_generations=str(sft_file), max_new_tokens=10))
 
 
 def test_rerun_with_eval_json_present_does_nothing(models, eval_file, gold_module, tmp_path, monkeypatch):
