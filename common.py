@@ -518,7 +518,8 @@ class TrainSettings:
     weight_decay: float = setting(0.0, "AdamW weight decay")
     max_grad_norm: float = setting(1.0, "clip the global gradient norm to this; 0: no clipping")
     max_length: int = setting(1024, "at most this many tokens per sequence: prompt + response + EOS")
-    max_prompt_length: int = setting(512, "longer prompts lose tokens from the left (their end matters most)")
+    max_prompt_length: int = setting(-1, "longer prompts lose tokens from the left (their end matters most); "
+                                         "-1: half of max_length")
     truncate_responses: bool = setting(False, "cut a response that would pass max_length, instead of dropping "
                                               "its example")
     bucket_batches: int = setting(32, "length bucketing: a shuffled epoch is sorted by length within windows of "
@@ -527,10 +528,14 @@ class TrainSettings:
                                    "0: never")
     dtype: typing.Literal["float32", "bfloat16"] = setting(
         "float32", "parameter dtype, also of the saved model; on GPU the compute runs in bfloat16 either way")
-    activation_checkpointing: bool = setting(False, "recompute each decoder layer in backward: less memory, "
-                                                    "about a third more compute")
+    activation_checkpointing: bool = setting(True, "recompute each decoder layer in backward: about half the "
+                                                   "memory for a fifth more time (on, as in TRL); false: faster")
     chunk_size: int = setting(1024, "response tokens per LM-head chunk; the log-prob peak is chunk_size x vocab floats")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
+
+    def __post_init__(self):
+        if self.max_prompt_length == -1:
+            self.max_prompt_length = self.max_length // 2
 
 
 def check_train_settings(s: TrainSettings, d: Dist) -> None:

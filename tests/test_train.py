@@ -149,6 +149,19 @@ def test_preference_formats_string_trl_conversational_and_ultrafeedback_encode_a
     assert encoded[0] == encoded[1] == encoded[2] and len(encoded[0]) == 1
 
 
+def test_a_dataset_saved_with_datasets_trains_like_its_jsonl(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],  # TRL's conversational format
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in pref_rows(16, seed=5)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "dataset"))
+    write_jsonl(tmp_path / "prefs.jsonl", rows)
+    for data in ("dataset", "prefs.jsonl"):
+        dpo.main(*dpo_settings(tiny_model_dir, tmp_path / data, tmp_path / f"out_{data}", max_steps=1))
+    assert read_metrics(tmp_path / "out_dataset")[0]["loss"] == read_metrics(tmp_path / "out_prefs.jsonl")[0]["loss"]
+
+
 def test_sft_reads_prompt_response_and_messages_alike(tiny_tokenizer):
     s = sft.Settings()
     rows = [{"prompt": "list three fruits", "response": "apple pear plum"},
@@ -280,6 +293,19 @@ def test_gradient_accumulation_is_exact(stage):
     one, four = grads_after(accumulate, 1), grads_after(accumulate, 4)
     for name in one:
         assert torch.allclose(one[name], four[name], atol=1e-7, rtol=1e-5), name
+
+
+def test_activation_checkpointing_gives_the_same_log_probs_and_gradients(tiny_tokenizer):
+    batch = collate([([1, 40, 41, 42], [43, 44, 2]), ([1, 45], [46, 47, 48, 2])], tiny_tokenizer.pad_token_id)
+    grads = []
+    for checkpointing in (False, True):
+        policy = wrap_policy(make_model(tiny_tokenizer), Dist(), activation_checkpointing=checkpointing)
+        logps = policy(*batch)
+        logps.sum().backward()
+        grads.append((logps.detach(), {n: p.grad for n, p in policy.named_parameters()}))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for name, grad in grads[0][1].items():
+        assert torch.allclose(grad, grads[1][1][name], atol=1e-7, rtol=1e-5), name
 
 
 def test_dropout_is_off_while_training(tiny_tokenizer, tmp_path):
