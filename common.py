@@ -747,6 +747,15 @@ def all_reduce_sum(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def peak_memory_gib(d: Dist) -> float:
+    """This process's peak memory: CUDA memory allocated on GPU, resident set size on CPU."""
+    if d.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(d.device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 def progress(iterable, d: Dist, total: int, initial: int, desc: str):
     """A tqdm bar on rank 0 (TQDM_DISABLE=1 turns it off)."""
     from tqdm.auto import tqdm
@@ -935,7 +944,7 @@ def note_changed_settings(out_dir: str | os.PathLike, settings: dict, d: Dist) -
 
 
 def save_final_model(policy: SequenceLogps, tokenizer, out_dir: str | os.PathLike, d: Dist,
-                     keep=("settings.json", "metrics.jsonl", "data_stats.json")) -> None:
+                     keep=("settings.json", "metrics.jsonl", "data_stats.json", "summary.json")) -> None:
     """Gather the full state dict onto rank 0's CPU and write output_dir as a Hugging Face model
     directory (`save_hf_model`, atomic). The run's small files named in `keep` are carried into it;
     checkpoints, no longer needed, leave with the old directory."""

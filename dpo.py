@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from common import (DTYPES, MetricsLog, TrainSettings, UserError, all_reduce_sum, atomic_write_text,
-                    cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts,
-                    encode_responses, fit_to_length, global_batches, load_checkpoint, load_model,
-                    load_rows, load_tokenizer, lr_at, micro_batches, note_changed_settings, progress, require_input,
-                    reshard, run_main, save_checkpoint, save_final_model, save_settings, set_gradient_sync, setting,
-                    start_training, wrap_policy)
+                    cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts, encode_responses,
+                    fit_to_length, global_batches, load_checkpoint, load_model, load_rows, load_tokenizer, lr_at,
+                    micro_batches, note_changed_settings, peak_memory_gib, progress, require_input, reshard, run_main,
+                    save_checkpoint, save_final_model, save_settings, set_gradient_sync, setting, start_training,
+                    wrap_policy)
 from losses import LOSSES, loss_hyperparameters
 
 DEFAULT_MODEL, DEFAULT_DATA = "runs/sft", "data/embedded/prefs.jsonl"
@@ -247,7 +247,7 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
               f"{s.batch_size} pairs ({per_epoch} per epoch) on {d.world_size} process(es)")
 
     # Reference log-probs, before the policy trains (and before a checkpoint is loaded into it)
-    ref, ref_computed = None, False
+    ref, ref_computed, began = None, False, time.time()
     if not loss.reference_free:
         key = ref_cache_key(pairs, s.ref_model or s.model, s.dtype)
         ref = read_ref_cache(out / REF_CACHE, key)
@@ -262,9 +262,10 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
                          s.activation_checkpointing)
     if not loss.reference_free and ref is None:  # the reference is the starting policy
         ref, ref_computed = reference_logps(policy, pairs, s, tokenizer.pad_token_id, d), True
+    ref_seconds = time.time() - began if ref_computed else 0.0
     if ref_computed and d.is_main:
         write_ref_cache(out / REF_CACHE, key, *ref)
-        print(f"reference log-probs of {len(pairs)} pairs cached in {out / REF_CACHE}")
+        print(f"reference log-probs of {len(pairs)} pairs in {ref_seconds:.1f} s, cached in {out / REF_CACHE}")
 
     # Train
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -274,7 +275,7 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     metrics = MetricsLog(out / "metrics.jsonl", d, resume_step=start)
     lengths = [len(p) + max(len(c), len(r)) for p, c, r in pairs]
     bar = progress(global_batches(lengths, s, start, total_steps), d, total_steps, start, "dpo")
-    row = {}
+    row, train_start = {}, time.time()
     for step, batch in bar:
         began = time.time()
         lr = lr_at(step, s, total_steps)
@@ -295,8 +296,16 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
             save_checkpoint(out, step + 1, policy, optimizer, d, {"total_steps": total_steps})
     bar.close()
     metrics.close()
+    train_seconds = time.time() - train_start
+    if d.is_main:
+        atomic_write_text(out / "summary.json", json.dumps({
+            "steps": total_steps, "steps_this_run": total_steps - start, "train_start": train_start,
+            "train_s": train_seconds, "ref_logps_s": ref_seconds,
+            "pairs_per_s": (total_steps - start) * s.batch_size / max(train_seconds, 1e-9),
+            "peak_memory_gib": peak_memory_gib(d), "processes": d.world_size, "last_step": row}, indent=1) + "\n")
 
-    save_final_model(policy, tokenizer, out, d, keep=("settings.json", "metrics.jsonl", "data_stats.json", REF_CACHE))
+    save_final_model(policy, tokenizer, out, d,
+                     keep=("settings.json", "metrics.jsonl", "data_stats.json", "summary.json", REF_CACHE))
     if d.is_main:
         last = f"; last step: loss {row['loss']:.4f}, accuracy {row['rewards/accuracy']:.2f}" if row else ""
         print(f"saved {out}{last}")

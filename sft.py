@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from common import (DTYPES, MetricsLog, TrainSettings, UserError, all_reduce_sum, atomic_write_text,
-                    cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts,
-                    encode_responses, fit_to_length, global_batches, load_checkpoint, load_model,
-                    load_rows, load_tokenizer, lr_at, micro_batches, note_changed_settings, progress, require_input,
-                    run_main, save_checkpoint, save_final_model, save_settings, set_gradient_sync, setting,
-                    start_training, wrap_policy)
+                    cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts, encode_responses,
+                    fit_to_length, global_batches, load_checkpoint, load_model, load_rows, load_tokenizer, lr_at,
+                    micro_batches, note_changed_settings, peak_memory_gib, progress, require_input, run_main,
+                    save_checkpoint, save_final_model, save_settings, set_gradient_sync, setting, start_training,
+                    wrap_policy)
 from losses import sft_loss
 
 DEFAULT_MODEL, DEFAULT_DATA = "data/embedded/init_model", "data/embedded/sft.jsonl"
@@ -130,7 +130,7 @@ def main(s: Settings) -> torch.nn.Module | None:
     metrics = MetricsLog(out / "metrics.jsonl", d, resume_step=start)
     lengths = [len(p) + len(r) for p, r in examples]
     bar = progress(global_batches(lengths, s, start, total_steps), d, total_steps, start, "sft")
-    row = {}
+    row, train_start = {}, time.time()
     for step, batch in bar:
         began = time.time()
         lr = lr_at(step, s, total_steps)
@@ -152,6 +152,12 @@ def main(s: Settings) -> torch.nn.Module | None:
             save_checkpoint(out, step + 1, policy, optimizer, d, {"total_steps": total_steps})
     bar.close()
     metrics.close()
+    train_seconds = time.time() - train_start
+    if d.is_main:
+        atomic_write_text(out / "summary.json", json.dumps({
+            "steps": total_steps, "steps_this_run": total_steps - start, "train_start": train_start,
+            "train_s": train_seconds, "examples_per_s": (total_steps - start) * s.batch_size / max(train_seconds, 1e-9),
+            "peak_memory_gib": peak_memory_gib(d), "processes": d.world_size, "last_step": row}, indent=1) + "\n")
 
     save_final_model(policy, tokenizer, out, d)
     if d.is_main:
