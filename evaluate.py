@@ -3,7 +3,7 @@ r"""Evaluate a policy on held-out prompts with a gold scorer, against the datase
     python evaluate.py --model runs/dpo/iter1/model --sft_model runs/sft --prompts data/embedded/eval.jsonl \
         --gold_fn embedded:gold_score --output_dir runs/dpo/iter1/eval \
         --sft_generations runs/dpo/iter0/eval/generations.jsonl
-    python evaluate.py --summarize runs/dpo      # one table over runs/dpo/iter*/eval/eval.json
+    python evaluate.py --summarize runs/dpo      # one table over runs/dpo/iter*/ (eval.json, label_stats.json)
 
 The stage: one response per prompt from the policy (sampled as sample.py samples: sorted, left-padded
 batches, response i seeded by (seed, i)) -> log-probs of those responses under the policy and the SFT
@@ -79,7 +79,7 @@ class Settings:
     dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "model dtype; auto: bfloat16 on GPU, float32 on CPU")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
-    summarize: str = setting("", "a run directory: print and save (summary.json, summary.md) the table of its "
+    summarize: str = setting("", "a run directory: print and save (summary.jsonl, summary.md) the table of its "
                                  "iter*/eval/eval.json, and do nothing else")
 
 
@@ -255,23 +255,42 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
 
 SUMMARY_COLUMNS = (("gold", "gold_score"), ("win/chosen", "win_rate_vs_chosen"), ("win/SFT", "win_rate_vs_sft"),
                    ("LC win/SFT", "lc_win_rate_vs_sft"), ("KL", "kl_vs_sft"), ("KL/token", "kl_per_token_vs_sft"),
-                   ("length", "length"), ("no EOS", "share_without_eos"))
+                   ("length", "length"), ("no EOS", "share_without_eos"),
+                   # from label.py on the samples this iteration trained on (drawn from the previous policy)
+                   ("sampled length", "sampled/mean_length"), ("sampled no EOS", "sampled/share_without_eos"),
+                   ("pair length gap", "sampled/mean_length_gap"),
+                   ("reward~length", "sampled/reward_length_correlation"))
+LABEL_KEYS = ("mean_length", "share_without_eos", "mean_length_gap", "share_chosen_longer",
+              "reward_length_correlation", "reward_length_correlation_within_prompt", "pairs_written")
 
 
 def summarize(run_dir: str) -> list[dict]:
-    """Print a markdown table of run_dir/iter*/eval/eval.json and write summary.json and summary.md there."""
+    """Print a markdown table of run_dir/iter*/eval/eval.json and write summary.jsonl and summary.md there.
+
+    Iteration k's row: the evaluation of iteration k's model (iteration 0: the starting model) and, as
+    `sampled/*`, label.py's statistics of the samples iteration k trained on (drawn from iteration k-1's
+    policy): mean sampled length, share without EOS, chosen-minus-rejected length gap of the pairs and
+    the reward-length correlation. These are the length signals that show a loop drifting to verbosity.
+    """
     found = {int(m.group(1)): p for p in Path(run_dir).glob("iter*/eval/eval.json")
              if (m := re.fullmatch(r"iter(\d+)", p.parent.parent.name))}
     if not found:
         raise UserError(f"{run_dir}: no iter*/eval/eval.json; run evaluate.py on the iterations first")
-    table = [{"iteration": k, **json.loads(found[k].read_text(encoding="utf-8"))} for k in sorted(found)]
+    table = []
+    for k in sorted(found):
+        row = {"iteration": k, **json.loads(found[k].read_text(encoding="utf-8"))}
+        stats_path = Path(run_dir) / f"iter{k}" / "label_stats.json"
+        if stats_path.is_file():
+            stats = json.loads(stats_path.read_text(encoding="utf-8"))
+            row.update({f"sampled/{key}": stats.get(key) for key in LABEL_KEYS})
+        table.append(row)
     lines = ["| iteration | " + " | ".join(name for name, _ in SUMMARY_COLUMNS) + " |",
              "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
     for row in table:
         cells = [f"{row[key]:.3f}" if isinstance(row.get(key), (int, float)) else "-" for _, key in SUMMARY_COLUMNS]
         lines.append(f"| {row['iteration']} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(table, indent=1) + "\n")
+    write_jsonl(Path(run_dir) / "summary.jsonl", table)
     atomic_write_text(Path(run_dir) / "summary.md", text)
     print(text, end="")
     return table

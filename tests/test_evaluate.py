@@ -181,11 +181,15 @@ def test_summarize_tabulates_the_iterations(tmp_path, capsys):
         folder = tmp_path / f"iter{k}" / "eval"
         folder.mkdir(parents=True)
         (folder / "eval.json").write_text(json.dumps({"gold_score": gold, "length": 7.0}))
+    (tmp_path / "iter1" / "label_stats.json").write_text(json.dumps(
+        {"mean_length": 9.5, "share_without_eos": 0.25, "mean_length_gap": 2.0, "reward_length_correlation": 0.5}))
     table = evaluate.main(evaluate.Settings(summarize=str(tmp_path)))
     assert [row["iteration"] for row in table] == [0, 1, 10] and table[2]["gold_score"] == 0.6
+    assert table[1]["sampled/mean_length_gap"] == 2.0 and "sampled/mean_length" not in table[0]
     printed = capsys.readouterr().out
     assert "| 10 | 0.600 |" in printed and (tmp_path / "summary.md").read_text() == printed
-    assert json.loads((tmp_path / "summary.json").read_text()) == table
+    assert "| 1 | 0.500 | - | - | - | - | - | 7.000 | - | 9.500 | 0.250 | 2.000 | 0.500 |" in printed
+    assert common.read_jsonl(tmp_path / "summary.jsonl") == json.loads(json.dumps(table))
 
 
 def test_missing_chosen_is_a_one_line_error(models, gold_module, tmp_path, capsys):

@@ -1,0 +1,182 @@
+"""run_iterative.sh end to end on the embedded default, shrunk: a one-iteration smoke run, a kill in
+iteration 2 followed by a rerun, the recipe files, and the script's handling of paths and input.
+
+Every run here uses paths with spaces, so quoting is tested by all of them.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "run_iterative.sh"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Embedded data with few prompts, small SFT and DPO configs, and an SFT model shared by the runs."""
+    base = tmp_path_factory.mktemp("loop") / "with space"
+    data = base / "data"
+    subprocess.run(["python3", str(ROOT / "embedded.py"), "--out_dir", str(data), "--seed", "0"], check=True,
+                   capture_output=True)
+    for name, keep in (("prompts.jsonl", 24), ("eval.jsonl", 12)):
+        lines = (data / name).read_text(encoding="utf-8").splitlines()[:keep]
+        (base / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (base / "sft.yaml").write_text("max_steps: 30\nbatch_size: 32\nlr: 2.0e-3\nmax_length: 128\n"
+                                   "activation_checkpointing: false\n")
+    (base / "dpo.yaml").write_text("epochs: 1\nbatch_size: 8\nlr: 1.0e-4\nmax_length: 128\nsave_every: 1\n"
+                                   "activation_checkpointing: false\n")
+    env = {**os.environ, "TQDM_DISABLE": "1", "EMBEDDED_DIR": str(data), "PROMPTS": str(base / "prompts.jsonl"),
+           "EVAL_PROMPTS": str(base / "eval.jsonl"), "SFT_CONFIG": str(base / "sft.yaml"),
+           "DPO_CONFIG": str(base / "dpo.yaml"), "SFT_DIR": str(base / "sft model"), "MAX_NEW_TOKENS": "16",
+           "N": "3", "OMP_NUM_THREADS": "1"}
+    return base, env
+
+
+def run(env: dict, *args: str, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], env={**env, **extra}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def stage_lines(stdout: str) -> list[str]:
+    """The script's own log lines ("[hh:mm:ss] iter 1: sample ..."): one per stage it ran."""
+    return [line.split("] ", 1)[1] for line in stdout.splitlines() if line.startswith("[") and "] " in line]
+
+
+def test_one_iteration_smoke_run_then_a_rerun_does_nothing(setup):
+    base, env = setup
+    runs = base / "runs dir"
+    done = run(env, RUNS_DIR=str(runs), K="1", LOSS="ilrdpo", NAME="smoke")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split(":")[0] for line in stage_lines(done.stdout)] == [
+        "SFT", "iter 1", "iter 1", "iter 1", "evaluate iteration 0", "evaluate iteration 1"]
+    run_dir = runs / "smoke"
+    table = common.read_jsonl(run_dir / "summary.jsonl")
+    assert [row["iteration"] for row in table] == [0, 1]
+    assert table[0]["kl_vs_sft"] == pytest.approx(0.0, abs=1e-4) and table[0]["win_rate_vs_sft"] == 0.5
+    assert table[1]["sampled/pairs_written"] > 0 and table[1]["length"] > 0
+    assert "| 1 |" in (run_dir / "summary.md").read_text()
+    settings = json.loads((run_dir / "iter1" / "model" / "settings.json").read_text())
+    assert settings["loss"] == "ilrdpo" and settings["alpha"] == 0.4  # the run's default length margin
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(run_dir / "iter1" / "model")  # a Hugging Face directory
+
+    again = run(env, RUNS_DIR=str(runs), K="1", LOSS="ilrdpo", NAME="smoke")
+    assert again.returncode == 0 and stage_lines(again.stdout) == []
+
+
+@pytest.mark.slow
+def test_killed_in_iteration_2_the_rerun_finishes_without_redoing_iteration_1(setup):
+    base, env = setup
+    common_env = {"K": "2", "LOSS": "dpo"}
+    whole = run(env, RUNS_DIR=str(base / "uninterrupted"), NAME="r", **common_env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    runs, run_dir = base / "killed", base / "killed" / "r"
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env={**env, "RUNS_DIR": str(runs), "NAME": "r", **common_env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((run_dir / "iter2" / "model").glob("checkpoint-*")):  # iteration 2 is training
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "iter2" / "model" / "model.safetensors").exists()
+    iter1 = {p: p.stat().st_mtime_ns for p in (run_dir / "iter1").rglob("*") if p.is_file()}
+
+    rerun = run(env, RUNS_DIR=str(runs), NAME="r", **common_env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    ran = stage_lines(rerun.stdout)
+    assert not any(line.startswith(("SFT", "iter 1:")) for line in ran) and ran[0].startswith("iter 2: train")
+    assert {p: p.stat().st_mtime_ns for p in iter1} == iter1  # iteration 1 untouched
+    for k in (1, 2):  # the same artifacts as the run never interrupted
+        for name in ("samples.jsonl", "pairs.jsonl"):
+            assert (run_dir / f"iter{k}" / name).read_bytes() == \
+                (base / "uninterrupted" / "r" / f"iter{k}" / name).read_bytes()
+    ours = load_file(run_dir / "iter2" / "model" / "model.safetensors")
+    theirs = load_file(base / "uninterrupted" / "r" / "iter2" / "model" / "model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert len(common.read_jsonl(run_dir / "summary.jsonl")) == 3
+
+
+def parse_command(line: str) -> None:
+    """Parse a printed stage command with that script's own settings parser (nothing runs)."""
+    argv = shlex.split(line)
+    if argv[0] == "torchrun":
+        argv = argv[argv.index("--nproc_per_node") + 2:]
+    else:
+        assert argv[0] == "python3"
+        argv = argv[1:]
+    script, args = argv[0], argv[1:]
+    module = importlib.import_module(Path(script).stem)
+    if script == "dpo.py":
+        common.parse_settings(module.settings_classes(args), args)
+    else:
+        common.parse_settings((module.Settings,), args)
+
+
+@pytest.mark.parametrize("recipe", [None, "configs/storm7b.env"])
+def test_every_command_of_a_recipe_parses_with_its_script(recipe, tmp_path):
+    args = [recipe] if recipe else []
+    printed = subprocess.run(["bash", str(SCRIPT), *args], env={**os.environ, "DRY_RUN": "1",
+                                                               "RUNS_DIR": str(tmp_path / "r s")},
+                             capture_output=True, text=True, cwd=ROOT)
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    assert not (tmp_path / "r s").exists()  # a dry run writes nothing
+    scripts = [shlex.split(line)[1] if line.startswith("python3") else shlex.split(line)[5] for line in lines]
+    assert scripts.count("dpo.py") == 3 and scripts.count("evaluate.py") == 5 and scripts.count("sample.py") == 3
+    for line in lines:
+        if "--summarize" not in line and "embedded.py" not in line:
+            parse_command(line)
+    if recipe:  # the paper's recipe, with its real hub ids
+        text = printed.stdout
+        for needed in ("--model openchat/openchat-3.5-0106", "--prompts berkeley-nest/Nectar",
+                       "--reward_model Nexusflow/Starling-RM-34B", "--loss ilrdpo", "--alpha 0.01",
+                       "--gold_model OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"):
+            assert needed in text
+        assert "sft.py" not in scripts  # openchat-3.5 is already instruction-tuned
+
+
+def test_a_recipe_is_data_never_code(tmp_path):
+    marker = tmp_path / "pwned"
+    recipe = tmp_path / "my recipe.env"
+    recipe.write_text(f"# a comment\nNAME=\"$(touch '{marker}')\"\nLOSS_ARGS=--beta `touch '{marker}'`\n"
+                      f"K=1\n")
+    printed = subprocess.run(["bash", str(SCRIPT), str(recipe)], env={**os.environ, "DRY_RUN": "1",
+                                                                     "RUNS_DIR": str(tmp_path / "runs")},
+                             capture_output=True, text=True)
+    assert printed.returncode == 0, printed.stderr
+    assert not marker.exists()
+    assert "touch" in printed.stdout  # the values reached the commands literally
+
+
+@pytest.mark.parametrize("content, message", [
+    ("LOSS=dpo\nBOGUS=1\n", "my recipe.env:2: unknown key BOGUS"),
+    ("LOSS=dpo\njust words\n", "my recipe.env:2: expected KEY=VALUE"),
+])
+def test_a_bad_recipe_line_is_a_one_line_error_naming_file_and_line(content, message, tmp_path):
+    recipe = tmp_path / "my recipe.env"
+    recipe.write_text(content)
+    result = subprocess.run(["bash", str(SCRIPT), str(recipe)], env={**os.environ, "DRY_RUN": "1"},
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_the_environment_wins_over_the_recipe(tmp_path):
+    printed = subprocess.run(["bash", str(SCRIPT), "configs/storm7b.env"],
+                             env={**os.environ, "DRY_RUN": "1", "K": "1", "LOSS": "dpo"},
+                             capture_output=True, text=True, cwd=ROOT)
+    assert printed.returncode == 0 and "--loss dpo" in printed.stdout and "iter2" not in printed.stdout
