@@ -1,0 +1,42 @@
+"""The benchmark harnesses' own logic (bench/): their data and their arithmetic. No timing, no TRL."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import dpo_vs_trl  # noqa: E402
+
+
+def test_synthetic_pairs_fit_max_length_and_are_long_tailed():
+    """Real preference data: most pairs far below the cap, a few near it, none over it."""
+    rows = dpo_vs_trl.make_pairs(400, vocab_size=8000, max_length=256, seed=0)
+    lengths = sorted(len(r["prompt"].split()) + len(r[k].split()) + 1 for r in rows for k in ("chosen", "rejected"))
+    median, p99 = lengths[len(lengths) // 2], lengths[int(0.99 * len(lengths))]
+    assert lengths[-1] <= 256
+    assert median < 256 // 2
+    assert p99 > 2 * median
+
+
+def test_pair_tokens_is_what_the_tokenizer_produces():
+    """tokens/s counts prompt + response + EOS for chosen and rejected, as dpo.py and TRL see them."""
+    tokenizer = dpo_vs_trl.build_tokenizer(100)
+    row = dpo_vs_trl.make_pairs(1, vocab_size=100, max_length=64, seed=1)[0]
+    count = sum(len(tokenizer(row["prompt"] + row[k] + "</s>", add_special_tokens=False)["input_ids"])
+                for k in ("chosen", "rejected"))
+    assert dpo_vs_trl.pair_tokens(row) == count
+
+
+def test_summarize_counts_the_reference_pass_in_the_epoch_not_in_the_timed_steps():
+    """3 steps of 2 pairs ending at 11, 12, 14 s after a start at 10 s, 4 s of reference log-probs:
+    epoch = 4 + (14 - 10) = 8 s for 6 pairs (0.75/s); timed steps (after 1 warm-up) = 14 - 11 = 3 s
+    for 4 pairs (1.33/s) and 30 + 40 tokens (23.3/s)."""
+    s = dpo_vs_trl.BenchSettings(steps=2, warmup=1, batch_size=2)
+    record = {"step_end": [11.0, 12.0, 14.0], "step_tokens": [20, 30, 40], "train_start": 10.0, "precompute_s": 4.0}
+    info = {"params": 1, "tokens_per_pair": [10] * 6}
+    row = dpo_vs_trl.summarize("ours", record, info, s, {"peak_rss_gib": 1.0})
+    assert abs(row["pairs_s"] - 6 / 8) < 1e-9
+    assert abs(row["tokens_s"] - 60 / 8) < 1e-9
+    assert abs(row["step_pairs_s"] - 4 / 3) < 1e-9
+    assert abs(row["step_tokens_s"] - 70 / 3) < 1e-9
