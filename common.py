@@ -154,8 +154,8 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
 def read_jsonl(path: str | os.PathLike, required: dict[str, type | tuple] | None = None) -> list[dict]:
     """Read a JSONL file; any bad line is a UserError naming the file and line number.
 
-    `required` maps field name to the accepted type(s); a missing field, a value of another type,
-    or an empty string is reported. Blank lines are skipped.
+    `required` maps field name to the accepted type(s) (`field_problem`); a missing field or a bad
+    value is reported. Blank lines are skipped.
     """
     path = Path(path)
     try:
@@ -181,14 +181,29 @@ def read_jsonl(path: str | os.PathLike, required: dict[str, type | tuple] | None
         for field, types in (required or {}).items():
             if field not in row:
                 raise UserError(f"{path}:{lineno}: missing field {field!r}")
-            if not isinstance(row[field], types):
-                raise UserError(f"{path}:{lineno}: field {field!r} has type {type(row[field]).__name__}")
-            if isinstance(row[field], (str, list)) and len(row[field]) == 0:
-                raise UserError(f"{path}:{lineno}: field {field!r} is empty")
+            if problem := field_problem(row[field], types):
+                raise UserError(f"{path}:{lineno}: field {field!r} {problem}")
         rows.append(row)
     if not rows:
         raise UserError(f"{path}: no rows (empty file)")
     return rows
+
+
+TEXT_OR_CHAT = (str, list)  # a prompt or response: a string, or a list of chat messages
+
+
+def field_problem(value, types) -> str | None:
+    """What is wrong with a field that should be of `types` ("has type int", "is empty"), or None.
+    A TEXT_OR_CHAT field given as a list must hold {"role": str, "content": str} messages."""
+    if not isinstance(value, types):
+        return f"has type {type(value).__name__}"
+    if isinstance(value, (str, list)) and len(value) == 0:
+        return "is empty"
+    if types == TEXT_OR_CHAT and isinstance(value, list) and not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return "is a list but not of chat messages {role: string, content: string}"
+    return None
 
 
 def load_rows(data: str, required: dict[str, type | tuple] | None = None, split: str = "train") -> list[dict]:
@@ -209,8 +224,10 @@ def load_rows(data: str, required: dict[str, type | tuple] | None = None, split:
     rows = list(ds)
     for i, row in enumerate(rows):
         for field, types in (required or {}).items():
-            if field not in row or not isinstance(row[field], types):
-                raise UserError(f"{data}: row {i}: missing or mistyped field {field!r}")
+            if field not in row:
+                raise UserError(f"{data}: row {i}: missing field {field!r}")
+            if problem := field_problem(row[field], types):
+                raise UserError(f"{data}: row {i}: field {field!r} {problem}")
     return rows
 
 
@@ -292,8 +309,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"{name_or_path}: cannot load tokenizer ({str(e).splitlines()[0]})")
+    except (OSError, ValueError) as e:  # ValueError: a directory without tokenizer files
+        raise UserError(f"{name_or_path}: cannot load tokenizer ({(str(e).strip().splitlines() or [''])[0]})")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
@@ -311,8 +328,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
     try:
         model = cls.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True,
                                     trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"{name_or_path}: cannot load model ({str(e).splitlines()[0]})")
+    except (OSError, ValueError) as e:  # ValueError: e.g. custom code, refused without trust_remote_code
+        hint = ("; it needs its own code, run only with --trust_remote_code (for models you trust)"
+                if "trust_remote_code" in str(e) and not trust_remote_code else "")
+        raise UserError(f"{name_or_path}: cannot load model ({(str(e).strip().splitlines() or [''])[0]}){hint}")
     return model.eval()
 
 
@@ -344,6 +363,19 @@ def save_hf_model(model, tokenizer, out_dir: str | os.PathLike, state_dict=None,
     except BaseException:
         _rmtree(tmp)
         raise
+
+
+def clean_interrupted_save(out_dir: str | os.PathLike) -> None:
+    """Undo what a kill inside `save_hf_model` left: its temporary copy goes, and if the kill fell
+    between its two renames (out_dir moved aside, the new copy not yet in place), the old copy
+    comes back, so out_dir is as it was before the save."""
+    out_dir = Path(out_dir)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.is_dir() and not out_dir.exists():
+        os.replace(old, out_dir)
+    _rmtree(old)
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        _rmtree(tmp)
 
 
 def _rmtree(path: Path) -> None:
@@ -875,8 +907,10 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, policy, optimizer, d:
         _rmtree(final)
         os.replace(tmp, final)
         for old in out_dir.glob("checkpoint-*"):
-            if old != final:
-                _rmtree(old)
+            if old != final:  # renamed first: a half-deleted checkpoint never shows under its name
+                hidden = out_dir / f".{old.name}.tmp"
+                os.replace(old, hidden)
+                _rmtree(hidden)
     barrier(d)
     return final
 
@@ -907,6 +941,8 @@ def start_training(s: TrainSettings) -> tuple[Dist, Path | None] | None:
     from transformers.utils import logging
 
     out = Path(s.output_dir)
+    if os.environ.get("RANK", "0") == "0":
+        clean_interrupted_save(out)
     if final_model_exists(out):
         if os.environ.get("RANK", "0") == "0":
             print(f"{out} already holds the trained model; nothing to do (remove it to train again)")
@@ -929,6 +965,20 @@ def final_model_exists(out_dir: str | os.PathLike) -> bool:
     p = Path(out_dir)
     return (p / "config.json").is_file() and any((p / n).is_file() for n in ("model.safetensors",
                                                                             "model.safetensors.index.json"))
+
+
+def stop_if_not_finite(script: str, step: int, values: dict[str, float], out_dir: str | os.PathLike) -> None:
+    """Before optimizer step `step` (from 1): stop with a UserError if a value of it (the loss, the
+    gradient norm; the same on every process) is NaN or infinite, since the update would write it
+    into the weights. The last checkpoint stays as it is and the final model is not written."""
+    name, value = next(((k, v) for k, v in values.items() if not math.isfinite(v)), (None, None))
+    if name is None:
+        return
+    ckpt = latest_checkpoint(out_dir)
+    last = (f"The last good checkpoint (step {int(ckpt.name[11:])}) is in {ckpt}; resume from it with --resume and "
+            "a lower --lr, or check the data" if ckpt else
+            "No checkpoint was written yet (see --save_every); lower --lr or check the data")
+    raise UserError(f"{script}: step {step}: {name} is {value}; stopping. {last}")
 
 
 def note_changed_settings(out_dir: str | os.PathLike, settings: dict, d: Dist) -> None:
