@@ -23,16 +23,16 @@ from pathlib import Path
 
 import torch
 
-from common import (DTYPES, MetricsLog, TrainSettings, UserError, all_reduce_sum, atomic_write_text,
-                    cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts, encode_responses,
-                    fit_to_length, global_batches, load_checkpoint, load_model, load_rows, load_tokenizer, lr_at,
-                    micro_batches, note_changed_settings, peak_memory_gib, progress, require_input, reshard, run_main,
-                    save_checkpoint, save_final_model, save_settings, set_gradient_sync, setting, start_training,
-                    wrap_policy)
+from common import (DTYPES, TEXT_OR_CHAT, MetricsLog, TrainSettings, UserError, all_reduce_sum, atomic_write_text,
+                    check_model_dir, cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts,
+                    encode_responses, fit_to_length, global_batches, load_checkpoint, load_model, load_rows,
+                    load_tokenizer, lr_at, micro_batches, note_changed_settings, peak_memory_gib, progress,
+                    require_input, reshard, run_main, save_checkpoint, save_final_model, save_settings,
+                    set_gradient_sync, setting, start_training, stop_if_not_finite, wrap_policy)
 from losses import LOSSES, loss_hyperparameters
 
 DEFAULT_MODEL, DEFAULT_DATA = "runs/sft", "data/embedded/prefs.jsonl"
-PAIR_FIELDS = {"prompt": (str, list), "chosen": (str, list), "rejected": (str, list)}
+PAIR_FIELDS = {"prompt": TEXT_OR_CHAT, "chosen": TEXT_OR_CHAT, "rejected": TEXT_OR_CHAT}
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
            "logps/chosen", "logps/rejected", "length/chosen", "length/rejected")  # means over the batch's pairs
 REF_CACHE = "ref_logps.safetensors"
@@ -88,12 +88,18 @@ def settings_classes(argv: list[str]) -> tuple[type, type]:
 # Data: a pair is (prompt ids, chosen ids, rejected ids); each response ends with EOS.
 
 def encode_pairs(rows: list[dict], tokenizer, s: Settings) -> tuple[list[tuple], dict]:
-    """Tokenize and fit every row to the length limits; return the pairs and what truncation did."""
+    """Tokenize and fit every row to the length limits; return the pairs and what truncation did.
+    A pair whose chosen and rejected responses are the same tokens is dropped (and counted): every
+    preference loss's pairwise term has zero gradient on it."""
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     chosen = encode_responses(tokenizer, [r["chosen"] for r in rows])
     rejected = encode_responses(tokenizer, [r["rejected"] for r in rows])
-    pairs, stats = [], {"rows": len(rows), "pairs": 0, "prompts_cut": 0, "responses_cut": 0, "dropped_too_long": 0}
+    pairs, stats = [], {"rows": len(rows), "pairs": 0, "prompts_cut": 0, "responses_cut": 0, "dropped_too_long": 0,
+                        "dropped_identical": 0}
     for p, c, r in zip(prompts, chosen, rejected):
+        if c == r:
+            stats["dropped_identical"] += 1
+            continue
         fit = fit_to_length(p, [c, r], s.max_length, s.max_prompt_length, s.truncate_responses)
         if fit is None:
             stats["dropped_too_long"] += 1
@@ -107,7 +113,8 @@ def encode_pairs(rows: list[dict], tokenizer, s: Settings) -> tuple[list[tuple],
 
 
 def describe(stats: dict, s: Settings) -> str:
-    return (f"data: {stats['rows']} rows of {s.data} -> {stats['pairs']} pairs; {stats['prompts_cut']} prompts cut "
+    return (f"data: {stats['rows']} rows of {s.data} -> {stats['pairs']} pairs; {stats['dropped_identical']} pairs "
+            f"dropped (chosen identical to rejected); {stats['prompts_cut']} prompts cut "
             f"from the left to {s.max_prompt_length} tokens; "
             + (f"{stats['responses_cut']} pairs with a response cut at max_length {s.max_length}"
                if s.truncate_responses else
@@ -223,6 +230,9 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     """Train; return the trained model (for tests and notebooks)."""
     require_input(s.data, DEFAULT_DATA, "python embedded.py --out_dir data/embedded")
     require_input(s.model, DEFAULT_MODEL, "python sft.py --config configs/sft.yaml")
+    for model in (s.model, s.ref_model):  # before anything is written
+        if model:
+            check_model_dir(model)
     if s.loss not in LOSSES:
         raise UserError(f"unknown --loss {s.loss!r}; known: {', '.join(LOSSES)}")
     loss, hyper = LOSSES[s.loss], dataclasses.asdict(hyperparameters)
@@ -236,9 +246,10 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     # Data
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
     pairs, stats = encode_pairs(load_rows(s.data, PAIR_FIELDS), tokenizer, s)
-    per_epoch, total_steps = count_steps(len(pairs), s)
     if d.is_main:
         print(describe(stats, s))
+    per_epoch, total_steps = count_steps(len(pairs), s)  # after the data line, which says what was dropped
+    if d.is_main:
         if checkpoint:
             note_changed_settings(out, {**dataclasses.asdict(s), **hyper}, d)
         atomic_write_text(out / "data_stats.json", json.dumps(stats, indent=1) + "\n")
@@ -283,9 +294,10 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
             group["lr"] = lr
         sums = accumulate_gradients(policy, pairs, batch, loss.fn, hyper, ref, s, tokenizer.pad_token_id, d)
         grad_norm = clip_grad_norm(policy, s.max_grad_norm)
+        means = all_reduce_sum(d, sums.to(d.device)).cpu() / len(batch)
+        stop_if_not_finite("dpo.py", step + 1, {"loss": float(means[0]), "gradient norm": grad_norm}, out)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        means = all_reduce_sum(d, sums.to(d.device)).cpu() / len(batch)
         now = time.time()
         row = {"step": step + 1, "epoch": (step + 1) / per_epoch, "lr": lr, **dict(zip(METRICS, means.tolist())),
                "grad_norm": grad_norm, "tokens": pair_tokens(pairs, batch), "pairs_per_s": len(batch) / (now - began),

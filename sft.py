@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from common import (DTYPES, MetricsLog, TrainSettings, UserError, all_reduce_sum, atomic_write_text,
-                    cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts, encode_responses,
-                    fit_to_length, global_batches, load_checkpoint, load_model, load_rows, load_tokenizer, lr_at,
-                    micro_batches, note_changed_settings, peak_memory_gib, progress, require_input, run_main,
-                    save_checkpoint, save_final_model, save_settings, set_gradient_sync, setting, start_training,
-                    wrap_policy)
+from common import (DTYPES, TEXT_OR_CHAT, MetricsLog, TrainSettings, UserError, all_reduce_sum, atomic_write_text,
+                    check_model_dir, cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts,
+                    encode_responses, field_problem, fit_to_length, global_batches, load_checkpoint, load_model,
+                    load_rows, load_tokenizer, lr_at, micro_batches, note_changed_settings, peak_memory_gib, progress,
+                    require_input, run_main, save_checkpoint, save_final_model, save_settings, set_gradient_sync,
+                    setting, start_training, stop_if_not_finite, wrap_policy)
 from losses import sft_loss
 
 DEFAULT_MODEL, DEFAULT_DATA = "data/embedded/init_model", "data/embedded/sft.jsonl"
@@ -40,16 +40,24 @@ class Settings(TrainSettings):
 
 
 def prompt_and_response(row: dict, where: str):
-    """(prompt, response) of a row: prompt + response, or the messages of a chat split before its last one."""
-    if isinstance(row.get("messages"), list):
+    """(prompt, response) of a row: prompt + response, or the messages of a chat split before its last one.
+    An empty response is an error: trained on, it would teach the model to stop at once."""
+    if "messages" in row:
         messages = row["messages"]
-        if (len(messages) < 2 or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
-                or messages[-1].get("role") != "assistant"):
+        if (field_problem(messages, TEXT_OR_CHAT) or isinstance(messages, str) or len(messages) < 2
+                or messages[-1]["role"] != "assistant"):
             raise UserError(f"{where}: messages must be two or more {{role, content}} ending with the assistant's")
-        return messages[:-1], messages[-1]["content"]
-    if isinstance(row.get("prompt"), (str, list)) and isinstance(row.get("response"), str):
-        return row["prompt"], row["response"]
-    raise UserError(f"{where}: needs prompt and response (strings), or messages (a list of chat messages)")
+        prompt, response = messages[:-1], messages[-1]["content"]
+    elif "prompt" in row and "response" in row:
+        for field, types in (("prompt", TEXT_OR_CHAT), ("response", str)):
+            if problem := field_problem(row[field], types):
+                raise UserError(f"{where}: field {field!r} {problem}")
+        prompt, response = row["prompt"], row["response"]
+    else:
+        raise UserError(f"{where}: needs prompt and response (strings), or messages (a list of chat messages)")
+    if not response:
+        raise UserError(f"{where}: empty response")
+    return prompt, response
 
 
 def encode_examples(rows: list[dict], tokenizer, s: Settings) -> tuple[list[tuple], dict]:
@@ -104,6 +112,7 @@ def main(s: Settings) -> torch.nn.Module | None:
     """Train; return the trained model (for tests and notebooks)."""
     require_input(s.model, DEFAULT_MODEL, MAKE_DEFAULTS)
     require_input(s.data, DEFAULT_DATA, MAKE_DEFAULTS)
+    check_model_dir(s.model)  # before anything is written
     out = Path(s.output_dir)
     if (started := start_training(s)) is None:
         return None
@@ -111,9 +120,10 @@ def main(s: Settings) -> torch.nn.Module | None:
 
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
     examples, stats = encode_examples(load_rows(s.data), tokenizer, s)
-    per_epoch, total_steps = count_steps(len(examples), s)
     if d.is_main:
         print(describe(stats, s))
+    per_epoch, total_steps = count_steps(len(examples), s)  # after the data line, which says what was dropped
+    if d.is_main:
         if checkpoint:
             note_changed_settings(out, dataclasses.asdict(s), d)
         atomic_write_text(out / "data_stats.json", json.dumps(stats, indent=1) + "\n")
@@ -138,9 +148,10 @@ def main(s: Settings) -> torch.nn.Module | None:
             group["lr"] = lr
         sums = accumulate_gradients(policy, examples, batch, s, tokenizer.pad_token_id, d)
         grad_norm = clip_grad_norm(policy, s.max_grad_norm)
+        nll, tokens = all_reduce_sum(d, sums.to(d.device)).tolist()
+        stop_if_not_finite("sft.py", step + 1, {"loss": nll / tokens, "gradient norm": grad_norm}, out)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        nll, tokens = all_reduce_sum(d, sums.to(d.device)).tolist()
         now = time.time()
         row = {"step": step + 1, "epoch": (step + 1) / per_epoch, "lr": lr, "loss": nll / tokens,
                "grad_norm": grad_norm, "response_tokens": int(tokens),

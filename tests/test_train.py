@@ -196,7 +196,8 @@ def test_long_prompts_are_cut_from_the_left_and_pairs_that_do_not_fit_are_droppe
     s, hyper = dpo_settings(tiny_model_dir, data, out, max_length=80, max_prompt_length=40, max_steps=1)
     dpo.main(s, hyper)
     stats = json.loads((out / "data_stats.json").read_text())
-    assert stats == {"rows": 16, "pairs": 15, "prompts_cut": 1, "responses_cut": 0, "dropped_too_long": 1}
+    assert stats == {"rows": 16, "pairs": 15, "prompts_cut": 1, "responses_cut": 0, "dropped_too_long": 1,
+                     "dropped_identical": 0}
     assert "1 prompts cut from the left to 40 tokens; 1 pairs dropped" in capsys.readouterr().out
 
     tokenizer = make_tokenizer()
