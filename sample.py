@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import typing
 from pathlib import Path
 
-from common import (UserError, all_gather_objects, barrier, cleanup_distributed, encode_prompts, generate_responses,
-                    inference_dtype, load_model, load_rows, load_tokenizer, read_jsonl, response_seed, run_main,
-                    save_settings, setting, setup_distributed, write_jsonl)
+from common import (TEXT_OR_CHAT, UserError, all_gather_objects, atomic_write_text, barrier, check_model_dir,
+                    cleanup_distributed, encode_prompts, generate_responses, inference_dtype, load_model, load_rows,
+                    load_tokenizer, read_jsonl, response_seed, run_main, save_settings, setting, setup_distributed,
+                    write_jsonl)
 
 RESPONSE_FIELDS = ("text", "num_tokens", "finish_reason")
 
@@ -132,7 +134,7 @@ def sample_vllm(s: Settings, d, prompts: list, indices: list[int], on_part) -> N
         raise UserError("--engine vllm runs as one process: start it with python, not torchrun")
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
     dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[s.dtype]
-    llm = LLM(s.model, dtype=dtype, seed=s.seed, trust_remote_code=s.trust_remote_code)
+    llm = LLM(s.model, dtype=dtype, seed=s.seed, trust_remote_code=s.trust_remote_code, load_format="safetensors")
     stops = {tokenizer.eos_token_id, *tokenizer.all_special_ids}  # vLLM also stops at the config's end-of-turn ids
     ids = dict(zip(indices, encode_prompts(tokenizer, [prompts[i] for i in indices])))
     if s.max_prompt_length:
@@ -170,18 +172,21 @@ def output_complete(path: Path, n_prompts: int) -> bool:
 
 def main(s: Settings) -> None:
     check_settings(s)
-    rows = load_rows(s.prompts, required={"prompt": (str, list)})
+    rows = load_rows(s.prompts, required={"prompt": TEXT_OR_CHAT})
     output = Path(s.output)
     if output_complete(output, len(rows)):
         print(f"{output} is complete; nothing to do (remove it to sample again)")
+        if os.environ.get("RANK", "0") == "0":  # progress files a kill left right after the output was written
+            shutil.rmtree(parts_dir(s.output), ignore_errors=True)
         return
+    check_model_dir(s.model)  # before anything is written
     d = setup_distributed()
     folder, key = parts_dir(s.output), run_key(s)
     done = read_parts(folder, key)
     barrier(d)  # every process has read the parts before any writes new ones
     if d.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "run_key.json").write_text(key, encoding="utf-8")
+        atomic_write_text(folder / "run_key.json", key)
         print(f"sample: {len(rows)} prompts x {s.n} from {s.model} on {d.world_size} process(es)"
               + (f"; {len(done)} already done in {folder}" if done else ""))
     barrier(d)
@@ -199,8 +204,8 @@ def main(s: Settings) -> None:
     for part in all_gather_objects(d, new):
         done.update(part)
     if d.is_main:
-        write_jsonl(output, assemble(rows, done))
         save_settings(output.parent, s, name=f"{output.stem}_settings.json")
+        write_jsonl(output, assemble(rows, done))  # last but the clean-up: its presence means the stage is done
         shutil.rmtree(folder, ignore_errors=True)
         stats = [r for responses in done.values() for r in responses]
         print(f"wrote {output}: {len(stats)} responses, mean {sum(r['num_tokens'] for r in stats) / len(stats):.1f} "
