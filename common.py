@@ -309,8 +309,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:  # ValueError: a directory without tokenizer files
-        raise UserError(f"{name_or_path}: cannot load tokenizer ({(str(e).strip().splitlines() or [''])[0]})")
+    except Exception as e:  # OSError: no files; ValueError: bad JSON; KeyError etc.: a damaged tokenizer.json
+        first = (str(e).strip().splitlines() or [''])[0]
+        raise UserError(f"{name_or_path}: cannot load tokenizer ({type(e).__name__}: {first})")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:

@@ -237,10 +237,12 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
                          s.gold_text_format, s.trust_remote_code, flag="gold")
     prompts = [rows[i]["prompt"] for i in indices]
     gold = scorer(prompts * 3, [g["text"] for g in policy] + chosen_texts + [g["text"] for g in sft])
-    bad = next((v for v in gold if not math.isfinite(v)), None)
-    if bad is not None:
-        raise UserError(f"gold scorer returned {bad}; scores must be finite numbers")
     n = len(indices)
+    bad = next((j for j, v in enumerate(gold) if not math.isfinite(v)), None)
+    if bad is not None:
+        which = ("policy", "chosen", "SFT")[bad // n]
+        raise UserError(f"gold scorer returned {gold[bad]} for the {which} response to prompt {indices[bad % n]} "
+                        f"(0-based row of the prompts); scores must be finite numbers")
     chosen_lengths = [len(x) for x in encode_responses(tokenizer, chosen_texts)]
     return [{"index": i, "prompt": rows[i]["prompt"], "output": policy[k]["text"],
              "num_tokens": policy[k]["num_tokens"], "finish_reason": policy[k]["finish_reason"], "gold": gold[k],

@@ -162,6 +162,12 @@ def model_with_only_pytorch_bin(g, path: Path) -> None:
     torch.save(load_file(g["model"] / "model.safetensors"), path / "pytorch_model.bin")
 
 
+def model_with_damaged_tokenizer(g, path: Path) -> None:
+    """tokenizer.json valid JSON but missing its keys, as a half-written copy can leave it."""
+    shutil.copytree(g["model"], path)
+    (path / "tokenizer.json").write_text('{"model": {"type": "WordLevel"}}')
+
+
 def config(text: bytes) -> Callable[[dict], bytes]:
     return lambda g: text
 
@@ -237,6 +243,8 @@ CASES = {
     "dpo-every-pair-identical": Case("dpo", "--data", all_pairs_identical, "{bad}: 0 usable examples"),
     "dpo-model-only-pytorch-bin": Case("dpo", "--model", model_with_only_pytorch_bin,
                                        "{bad}: no *.safetensors weights (only safetensors are loaded)"),
+    "dpo-model-damaged-tokenizer": Case("dpo", "--model", model_with_damaged_tokenizer,
+                                       "{bad}: cannot load tokenizer (KeyError"),
     "dpo-ref-model-without-weights": Case("dpo", "--ref_model", model_without_weights, "{bad}: no *.safetensors"),
     "dpo-config-unknown-key": Case("dpo", "--config", config(b"bogus: 1\n"), "{bad}: unknown key 'bogus'"),
     # sample.py --prompts: rows {prompt}
@@ -290,7 +298,7 @@ CASES = {
                               "{bad}:2: not UTF-8"),
     "evaluate-bad-sft-generations": Case("evaluate", "--sft_generations",
                                          config(b'{"prompt": "a", "output": "b", "nu\n'), "{bad}:1: invalid JSON"),
-    "evaluate-nan-gold-scores": Case("evaluate", "--gold_fn", lambda g: b"", "gold scorer returned nan",
+    "evaluate-nan-gold-scores": Case("evaluate", "--gold_fn", lambda g: b"", "gold scorer returned nan for the policy response to prompt 0",
                                      flags={"--gold_fn": "{scorers}:nan"}),
     "evaluate-model-only-pytorch-bin": Case("evaluate", "--model", model_with_only_pytorch_bin,
                                             "{bad}: no *.safetensors weights"),
