@@ -1174,10 +1174,11 @@ class RewardModel:
 
     It reads each (prompt, response) as its own tokenizer formats it (never the policy's ids): the
     conversation through its chat template, else `text_format` ("{prompt}" and "{response}"
-    filled in), else the tokenizer's pair encoding. Batches are sorted by length and right-padded
-    with an id that occurs in none of the batch's sequences, set as the model's pad id for the
-    call: transformers reads the score at the last token that is not the pad id, so it is read at
-    the last real token even where the real pad id is EOS and ends a sequence. A sequence longer
+    filled in; a backslash-n in it is a newline, so that flags and recipe files can carry one),
+    else the tokenizer's pair encoding. Batches are sorted by length and right-padded with an id
+    that occurs in none of the batch's sequences, set as the model's pad id for the call:
+    transformers reads the score at the last token that is not the pad id, so it is read at the
+    last real token even where the real pad id is EOS and ends a sequence. A sequence longer
     than `max_length` (0: no limit) loses tokens from the left.
     """
 
@@ -1189,7 +1190,8 @@ class RewardModel:
         self.model = load_model(name, dtype, trust_remote_code, AutoModelForSequenceClassification).to(device)
         if self.model.config.num_labels != 1:
             raise UserError(f"{name}: reward model has num_labels={self.model.config.num_labels}, expected 1")
-        self.device, self.batch_size, self.max_length, self.text_format = device, batch_size, max_length, text_format
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.text_format = text_format.replace("\\n", "\n")
 
     def encode(self, prompt, response: str) -> list[int]:
         tok = self.tokenizer

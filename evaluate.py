@@ -73,8 +73,9 @@ class Settings:
     gold_batch_size: int = setting(16, "gold reward model: sequences per forward pass")
     gold_max_length: int = setting(0, "gold reward model: a longer conversation loses tokens from the left; 0: no "
                                       "limit")
-    gold_text_format: str = setting("", "gold reward model without a chat template: its text, with {prompt} and "
-                                        "{response}; empty: its chat template, else its pair encoding")
+    gold_text_format: str = setting("", "the text the gold reward model reads, with {prompt} (the last user turn) "
+                                        "and {response}, \\n a newline; used instead of its chat template; empty: "
+                                        "its chat template, else its pair encoding")
     generator: str = setting("", "the `generator` name in generations.json; empty: --model")
     dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "model dtype; auto: bfloat16 on GPU, float32 on CPU")

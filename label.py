@@ -49,8 +49,9 @@ class Settings:
     keep_unfinished: bool = setting(False, "let responses without EOS (finish_reason 'length') form pairs")
     batch_size: int = setting(16, "reward model: sequences per forward pass")
     max_length: int = setting(0, "reward model: a longer conversation loses tokens from the left; 0: no limit")
-    text_format: str = setting("", "reward model without a chat template: the text it reads, with {prompt} and "
-                                   "{response}; empty: its chat template, else its pair encoding (prompt, response)")
+    text_format: str = setting("", "the text the reward model reads, with {prompt} (the last user turn) and "
+                                   "{response}, \\n a newline; used instead of its chat template; empty: its chat "
+                                   "template, else its pair encoding (prompt, response)")
     dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "reward model dtype; auto: bfloat16 on GPU, float32 on CPU")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")

@@ -124,6 +124,16 @@ def test_reward_model_reads_the_conversation_in_its_own_template(rm_dir):
     assert rm.tokenizer.decode(ids) == "Q list two fruits A apple and pear <eos>"
 
 
+def test_text_format_reads_backslash_n_as_a_newline(rm_dir):
+    """A flag or a recipe line cannot hold a newline; Starling-RM-34B's format needs several."""
+    prompt = [{"role": "user", "content": "list two fruits"}]
+    cpu = torch.device("cpu")
+    escaped = common.RewardModel(str(rm_dir), cpu, torch.float32, text_format=r"Q\n{prompt}\nA\n{response}<eos>")
+    spaced = common.RewardModel(str(rm_dir), cpu, torch.float32, text_format="Q {prompt} A {response} <eos>")
+    assert escaped.encode(prompt, "apple and pear") == spaced.encode(prompt, "apple and pear")
+    assert rm_tokenizer().unk_token_id not in escaped.encode(prompt, "apple and pear")
+
+
 def test_label_with_a_reward_model_directory_writes_its_scores(rm_dir, tmp_path):
     stats = run_label(tmp_path, reward_model=str(rm_dir), batch_size=3)
     rm = common.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32, batch_size=1)
