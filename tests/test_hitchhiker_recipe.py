@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 import common  # noqa: E402
+import convert_reward_head  # noqa: E402
 import dpo  # noqa: E402
 import evaluate  # noqa: E402
 import hitchhiker_data  # noqa: E402
@@ -29,14 +30,15 @@ from common import UserError, parse_settings  # noqa: E402
 
 CONFIGS = {stage: ROOT / "configs" / f"hitchhiker_{stage}.yaml" for stage in ("sft", "dpo", "eval")}
 POLICY = "microsoft/Phi-3-medium-4k-instruct"
-GOLD = "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"
+GOLD = "ckpt/oasst-rm-2.1-pythia-1.4b-hf"  # OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5, converted
 OASST_FORMAT = "<|prompter|>{prompt}<|endoftext|><|assistant|>{response}<|endoftext|>"
 
 
 def parse(script: str, argv: list[str]):
     """Settings of `script` from argv, by the script's own parser (dpo.py's depends on --loss)."""
     classes = {"sft.py": (sft.Settings,), "evaluate.py": (evaluate.Settings,),
-               "examples/hitchhiker_data.py": (hitchhiker_data.Settings,)}
+               "examples/hitchhiker_data.py": (hitchhiker_data.Settings,),
+               "examples/convert_reward_head.py": (convert_reward_head.Settings,)}
     return parse_settings(dpo.settings_classes(argv) if script == "dpo.py" else classes[script], argv)
 
 
@@ -97,10 +99,23 @@ def header_commands() -> list[tuple[str, list[str]]]:
 
 def test_every_command_in_the_config_headers_parses_with_its_script():
     commands = header_commands()
-    assert {script for script, _ in commands} == {"examples/hitchhiker_data.py", "sft.py", "dpo.py", "evaluate.py"}
+    assert {script for script, _ in commands} == {"examples/hitchhiker_data.py", "sft.py", "dpo.py", "evaluate.py",
+                                                  "examples/convert_reward_head.py"}
     for script, argv in commands:
         assert (ROOT / script).is_file()
         parse(script, [str(ROOT / a) if a.startswith("configs/") else a for a in argv])
+
+
+def test_the_header_converts_the_oasst_gold_rm_into_the_directory_gold_model_names():
+    """transformers cannot load the hub checkpoint (GPTNeoXRewardModel); the header downloads it and
+    converts it into gold_model."""
+    lines = CONFIGS["eval"].read_text(encoding="utf-8").splitlines()
+    (download,) = [shlex.split(line.lstrip("# ")) for line in lines if line.startswith("#   huggingface-cli download")]
+    (argv,) = [argv for script, argv in header_commands() if script == "examples/convert_reward_head.py"]
+    (conversion,) = parse("examples/convert_reward_head.py", argv)
+    (eval_s,) = parse("evaluate.py", ["--config", str(CONFIGS["eval"])])
+    assert download[2:] == ["OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", "--local-dir", conversion.checkpoint]
+    assert conversion.output_dir == eval_s.gold_model == GOLD
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,8 +91,27 @@ def test_every_command_in_the_recipe_comments_parses_with_its_script():
 
     classes = {"examples/nectar_prompts.py": nectar_prompts.Settings,
                "examples/convert_reward_head.py": convert_reward_head.Settings}
-    commands = [shlex.split(line.lstrip("# ")) for line in (ROOT / "configs" / "storm7b.env").read_text().splitlines()
-                if line.startswith("#   python examples/")]
-    assert sorted(c[1] for c in commands) == sorted(classes)
+    lines = (ROOT / "configs" / "storm7b.env").read_text().splitlines()
+    commands = [shlex.split(line.lstrip("# ")) for line in lines if line.startswith("#   python examples/")]
+    assert sorted(c[1] for c in commands) == sorted(["examples/nectar_prompts.py"] +
+                                                    ["examples/convert_reward_head.py"] * 2)  # labeller and gold RM
     for argv in commands:
         common.parse_settings((classes[argv[1]],), argv[2:])
+
+
+def test_the_recipe_converts_its_reward_models_into_the_directories_it_names():
+    """Starling-RM-34B (REWARD) and the OASST gold RM (GOLD) ship as custom code: each is downloaded into a
+    directory the conversion reads and converted into the one the recipe names."""
+    import shlex
+
+    import convert_reward_head
+
+    lines = (ROOT / "configs" / "storm7b.env").read_text().splitlines()
+    recipe = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    downloads = {shlex.split(line.lstrip("# "))[2]: shlex.split(line)[-1] for line in lines
+                 if line.startswith("#   huggingface-cli download")}
+    conversions = [common.parse_settings((convert_reward_head.Settings,), shlex.split(line.lstrip("# "))[2:])[0]
+                   for line in lines if line.startswith("#   python examples/convert_reward_head.py")]
+    assert {c.output_dir: c.checkpoint for c in conversions} == {
+        recipe["REWARD"]: downloads["Nexusflow/Starling-RM-34B"],
+        recipe["GOLD"]: downloads["OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"]}

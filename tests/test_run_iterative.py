@@ -141,11 +141,11 @@ def test_every_command_of_a_recipe_parses_with_its_script(recipe, tmp_path):
     for line in lines:
         if "--summarize" not in line and "embedded.py" not in line:
             parse_command(line)
-    if recipe:  # the paper's recipe, with its real hub ids
+    if recipe:  # the paper's recipe: its hub ids, and the converted reward models
         text = printed.stdout
         for needed in ("--model openchat/openchat-3.5-0106", "--prompts data/storm7b/prompts.jsonl",
                        "--reward_model ckpt/starling-rm-34b-hf", "--loss ilrdpo", "--alpha 0.01",
-                       "--gold_model OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"):
+                       "--gold_model ckpt/oasst-rm-2.1-pythia-1.4b-hf"):
             assert needed in text
         assert "sft.py" not in scripts  # openchat-3.5 is already instruction-tuned
 
