@@ -1049,11 +1049,26 @@ def _mix64_tensor(x: torch.Tensor) -> torch.Tensor:
 
 def stream_gumbel(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, vocab] (float64): element (b, v) is a hash of (seeds[b], step, v), so
-    row b's noise is the same whatever the batch around it, on any device."""
+    row b's noise is the same whatever the batch around it, on any device.
+
+    `_mix64_tensor`'s arithmetic done in place, one [B, vocab] buffer and one scratch: the same bits,
+    a third of the time at a 152k vocabulary."""
     counter = (step << 24) + torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    bits = _mix64_tensor(seeds.unsqueeze(1) + counter.unsqueeze(0) * _signed(_GOLDEN))
-    u = (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) / 2.0**53  # in (0, 1)
-    return -torch.log(-torch.log(u))
+    x = seeds.unsqueeze(1) + (counter * _signed(_GOLDEN)).unsqueeze(0)
+    shifted = torch.empty_like(x)
+
+    def xor_shifted_right(k: int) -> None:  # x ^= x >>> k, a logical shift: the sign bits masked off
+        torch.bitwise_right_shift(x, k, out=shifted)
+        x.bitwise_xor_(shifted.bitwise_and_((1 << (64 - k)) - 1))
+
+    xor_shifted_right(30)
+    x *= _signed(_MIX1)
+    xor_shifted_right(27)
+    x *= _signed(_MIX2)
+    xor_shifted_right(31)
+    x >>= 11
+    u = x.bitwise_and_((1 << 53) - 1).double().add_(0.5).div_(2.0**53)  # in (0, 1)
+    return u.log_().neg_().log_().neg_()
 
 
 class SeededSampler:
@@ -1093,6 +1108,33 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def preallocated_kv_cache(config, capacity: int):
+    """A DynamicCache whose full-attention layers write each step's keys and values in place into
+    buffers of `capacity` positions and hand attention views of the filled part. DynamicLayer
+    instead grows by `torch.cat`, copying the whole cache of every layer at every step (on CPU, with
+    a fresh allocation each time, the largest single cost of sampling). Same values, same tokens.
+    Sliding-window and other layer kinds stay as transformers makes them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.device, self.is_initialized = key_states.device, True
+                self.key_buffer = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[3]))
+                self.value_buffer = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[3]))
+                self.keys = self.key_buffer[:, :, :0]
+            start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
+            self.key_buffer[:, :, start:end] = key_states
+            self.value_buffer[:, :, start:end] = value_states
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 @torch.inference_mode()
 def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32,
@@ -1125,10 +1167,13 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: lis
         processors = LogitsProcessorList()
         if temperature > 0:
             processors.append(SeededSampler(torch.tensor([seeds[i] for i in batch]), width, temperature, top_p))
-        generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), logits_processor=processors,
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
-            no_repeat_ngram_size=0, eos_token_id=stops, pad_token_id=pad_id)[:, width:].tolist()
+        with warnings.catch_warnings():  # newer 5.x name it `cache`; `past_key_values` works in every 5.x
+            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), logits_processor=processors,
+                past_key_values=preallocated_kv_cache(model.config, width + max_new_tokens),
+                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                no_repeat_ngram_size=0, eos_token_id=stops, pad_token_id=pad_id)[:, width:].tolist()
         for row, i in enumerate(batch):
             tokens = generated[row]
             end = next((t for t, token in enumerate(tokens) if token in stops), None)

@@ -207,6 +207,38 @@ def test_seeded_sampler_draws_from_the_tempered_softmax_and_respects_top_p():
     assert set(top.tolist()) == {0, 1}  # softmax mass: 0.61, 0.22 (cumulative 0.84 >= 0.7), ...
 
 
+def test_stream_gumbel_is_its_defining_formula_bit_for_bit():
+    """stream_gumbel works in place for speed; its noise must stay the defining out-of-place formula's,
+    bit for bit (saved samples depend on it): u = (bits 11..63 of mix64(seed + ((step << 24) + v) x
+    golden) + 0.5) / 2^53, g = -log(-log(u))."""
+    def defined(seeds, step, vocab):
+        counter = (step << 24) + torch.arange(vocab, dtype=torch.int64)
+        bits = common._mix64_tensor(seeds.unsqueeze(1) + counter.unsqueeze(0) * common._signed(common._GOLDEN))
+        u = (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) / 2.0**53
+        return -torch.log(-torch.log(u))
+
+    seeds = torch.tensor([common.response_seed(seed, p, i) for seed, p, i in [(0, 0, 0), (1, 2, 3), (-5, 7, 1),
+                                                                              (2**40, 0, 9)]])
+    for step in (0, 1, 127, 4096):
+        assert torch.equal(common.stream_gumbel(seeds, step, 1000), defined(seeds, step, 1000))
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_preallocated_kv_cache_gives_the_scores_of_transformers_own_cache(policy_dir):
+    """Left-padded prompts of different lengths, greedy: every step's scores with the in-place cache
+    equal those with transformers' DynamicCache exactly, so the tokens are the same."""
+    tokenizer, model = common.load_tokenizer(str(policy_dir)), common.load_model(str(policy_dir))
+    prompts = [common.encode_prompt(tokenizer, r["prompt"]) for r in prompt_rows(5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    kwargs = dict(input_ids=ids, attention_mask=(ids != 0).long(), do_sample=False, max_new_tokens=12,
+                  pad_token_id=0, eos_token_id=[], return_dict_in_generate=True, output_scores=True)
+    own = model.generate(**kwargs)
+    ours = model.generate(**kwargs, past_key_values=common.preallocated_kv_cache(model.config, width + 12))
+    assert torch.equal(ours.sequences, own.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ours.scores, own.scores, strict=True))
+
+
 def test_two_processes_write_the_same_file_as_one(policy_dir, prompts_file, tmp_path):
     """torchrun, 2 CPU processes (gloo): strided prompts, gathered to rank 0, in input order; the
     per-response seeds make the file equal to one process's with another batch size."""
