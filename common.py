@@ -935,6 +935,22 @@ def load_checkpoint(path: str | os.PathLike, policy, optimizer, d: Dist) -> dict
     return info
 
 
+def unmap_large_blocks_when_freed(threshold: int = 4 << 20) -> None:
+    """Have glibc give every allocation of `threshold` bytes or more its own mmap, returned to the
+    OS when freed. By default glibc raises that threshold to the size of each large block freed
+    (up to 32 MiB), so from the first step on a training step's activations and logits chunks come
+    from its heap, whose free space the step's mix of sizes fragments: in bench/dpo_vs_trl.py's CPU
+    run the heap grew to 0.95 GiB for 0.50 GiB of live tensors, 0.68 GiB with this. The price is
+    zeroing fresh pages for those blocks (a lower threshold saves more memory and costs more time).
+    For the whole process; an explicit MALLOC_MMAP_THRESHOLD_ wins; a no-op without glibc."""
+    import ctypes
+
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # musl has a mallopt that ignores it
+        ctypes.CDLL(None).mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the raising
+
+
 def start_training(s: TrainSettings) -> tuple[Dist, Path | None] | None:
     """The common start of sft.py and dpo.py: (Dist, the checkpoint to resume from or None), or None
     when output_dir already holds the final model (a rerun is a no-op). A checkpoint found without
@@ -950,6 +966,8 @@ def start_training(s: TrainSettings) -> tuple[Dist, Path | None] | None:
         return None
     logging.disable_progress_bar()  # one bar, ours; not transformers' per-file ones
     d = setup_distributed()
+    if d.device.type == "cpu":
+        unmap_large_blocks_when_freed()
     check_train_settings(s, d)
     if d.is_main:
         for tmp in out.glob(".checkpoint-*.tmp"):
