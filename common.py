@@ -1138,7 +1138,7 @@ def preallocated_kv_cache(config, capacity: int):
     class PreallocatedLayer(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
-                self.device, self.is_initialized = key_states.device, True
+                self.lazy_initialization(key_states, value_states)  # device (and dtype in some 5.x), flag
                 self.key_buffer = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[3]))
                 self.value_buffer = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[3]))
                 self.keys = self.key_buffer[:, :, :0]

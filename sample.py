@@ -210,6 +210,10 @@ def main(s: Settings) -> None:
         stats = [r for responses in done.values() for r in responses]
         print(f"wrote {output}: {len(stats)} responses, mean {sum(r['num_tokens'] for r in stats) / len(stats):.1f} "
               f"tokens, {sum(r['finish_reason'] == 'length' for r in stats) / len(stats):.1%} without EOS")
+        if s.max_prompt_length:  # counted over every prompt, so a resumed run reports the same number
+            lengths = map(len, encode_prompts(load_tokenizer(s.model, s.trust_remote_code), [r["prompt"] for r in rows]))
+            print(f"{sum(n > s.max_prompt_length for n in lengths)} of {len(rows)} prompts cut from the left to "
+                  f"--max_prompt_length {s.max_prompt_length}")
     barrier(d)
     cleanup_distributed()
 

@@ -120,6 +120,16 @@ def test_response_cut_at_max_new_tokens_is_marked_length(policy_dir, prompts_fil
             assert 1 <= r["num_tokens"] <= 6  # EOS counted
 
 
+def test_prompts_cut_to_max_prompt_length_are_counted(policy_dir, prompts_file, tmp_path, capsys):
+    tokenizer = common.load_tokenizer(str(policy_dir))
+    lengths = [len(x) for x in common.encode_prompts(tokenizer, [r["prompt"] for r in prompt_rows(10)])]
+    limit = sorted(lengths)[5]  # some prompts longer, some not
+    run_sample(policy_dir, prompts_file, tmp_path / "s.jsonl", max_prompt_length=limit)
+    expected = sum(n > limit for n in lengths)
+    assert 0 < expected < 10
+    assert f"{expected} of 10 prompts cut from the left to --max_prompt_length {limit}" in capsys.readouterr().out
+
+
 def test_output_rows_follow_input_order_and_keep_fields(policy_dir, tmp_path):
     inputs = prompt_rows(7, seed=3)
     inputs[2] = {"prompt": [{"role": "user", "content": "list two fruits"}], "id": 2, "chosen": "apple and pear"}
