@@ -221,9 +221,14 @@ def test_stream_gumbel_is_its_defining_formula_bit_for_bit():
     """stream_gumbel works in place for speed; its noise must stay the defining out-of-place formula's,
     bit for bit (saved samples depend on it): u = (bits 11..63 of mix64(seed + ((step << 24) + v) x
     golden) + 0.5) / 2^53, g = -log(-log(u))."""
+    def mix64(x):  # common._mix64 on int64 tensors, out of place
+        x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * common._signed(common._MIX1)
+        x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * common._signed(common._MIX2)
+        return x ^ ((x >> 31) & ((1 << 33) - 1))
+
     def defined(seeds, step, vocab):
         counter = (step << 24) + torch.arange(vocab, dtype=torch.int64)
-        bits = common._mix64_tensor(seeds.unsqueeze(1) + counter.unsqueeze(0) * common._signed(common._GOLDEN))
+        bits = mix64(seeds.unsqueeze(1) + counter.unsqueeze(0) * common._signed(common._GOLDEN))
         u = (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) / 2.0**53
         return -torch.log(-torch.log(u))
 
