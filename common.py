@@ -579,6 +579,10 @@ def check_train_settings(s: TrainSettings, d: Dist) -> None:
         raise UserError(f"need 0 < --max_prompt_length ({s.max_prompt_length}) < --max_length ({s.max_length})")
     if s.epochs < 1 and s.max_steps < 1:
         raise UserError("need --epochs >= 1 or --max_steps >= 1")
+    if not 0 < s.lr < 1e30:  # nan and inf too; AdamW's first step, lr / (1 - 0.9), must fit in float32
+        raise UserError(f"--lr {s.lr}: need 0 < lr < 1e30")
+    if not (0 <= s.weight_decay < math.inf and 0 <= s.max_grad_norm < math.inf):
+        raise UserError(f"--weight_decay {s.weight_decay}, --max_grad_norm {s.max_grad_norm}: need finite values >= 0")
 
 
 def require_input(path: str, default: str, make_it: str) -> None:

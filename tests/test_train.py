@@ -397,6 +397,22 @@ def test_bad_flags_and_inputs_fail_in_one_line(argv, message, tiny_model_dir, tm
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "1e38"], "--lr 1e+38: need 0 < lr < 1e30"),  # was a float32 overflow traceback in AdamW
+    (["--lr", "nan"], "--lr nan: need 0 < lr < 1e30"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm -1.0: need finite values >= 0"),
+])
+def test_out_of_range_optimizer_settings_fail_in_one_line_before_training(flags, message, tiny_model_dir,
+                                                                         tiny_prefs_jsonl, tmp_path, capsys):
+    argv = ["--model", str(tiny_model_dir), "--data", str(tiny_prefs_jsonl), "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "2", *flags]
+    with pytest.raises(SystemExit) as exit_:
+        run_main(dpo.main, dpo.settings_classes, argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_loss_hyperparameters_are_flags_with_the_loss_defaults_and_config_keys(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("loss: simpo\ngamma: 0.5\n")
