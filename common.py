@@ -1088,25 +1088,28 @@ def stream_gumbel(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
 
 
 class SeededSampler:
-    """A logits processor that samples each row's next token itself and leaves only that token
-    finite, so `generate(do_sample=False)` (argmax) takes it. Gumbel-max: argmax(logits / T + g)
-    with g ~ Gumbel(0, 1) is a draw from softmax(logits / T); top-p removes the tail first.
+    """Picks each row's next token: argmax(logits / T + g) with g ~ Gumbel(0, 1) from the row's own
+    stream (Gumbel-max: a draw from softmax(logits / T)); top-p removes the tail first; temperature 0
+    is greedy. `sampler(logits [b, V], step, rows) -> token ids [b]`, where `rows` picks the seeds of
+    the b rows still in the batch.
     """
 
-    def __init__(self, seeds: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
-        self.seeds, self.prompt_width, self.temperature, self.top_p = seeds, prompt_width, temperature, top_p
+    def __init__(self, seeds: torch.Tensor, temperature: float, top_p: float = 1.0):
+        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float() / self.temperature
+    def __call__(self, logits: torch.Tensor, step: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        logits = logits.float()
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
         if self.top_p < 1.0:  # keep the smallest set of top tokens whose mass reaches top_p
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(-1)
             drop = (probs.cumsum(-1) - probs) >= self.top_p
             logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-        step = input_ids.shape[1] - self.prompt_width
-        noise = stream_gumbel(self.seeds.to(logits.device), step, logits.shape[-1])
-        choice = (logits.double() + noise).argmax(-1, keepdim=True)
-        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
+        seeds = self.seeds if rows is None else self.seeds[rows.to(self.seeds.device)]
+        noise = stream_gumbel(seeds.to(logits.device), step, logits.shape[-1])
+        return (logits.double() + noise).argmax(-1)
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -1146,9 +1149,65 @@ def preallocated_kv_cache(config, capacity: int):
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices: torch.Tensor) -> None:  # rows leave the batch
+            if self.is_initialized:
+                end = self.keys.shape[2]
+                self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+                self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
     cache = DynamicCache(config=config)
     cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def _forward_kwargs(model) -> dict:
+    """What a decoder's forward is called with besides its inputs: the cache's keyword (`cache` from
+    transformers 5.2x, `past_key_values` before) and, where it has one, logits for the last position only."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache_key": "cache" if "cache" in params else "past_key_values",
+            "logits_to_keep": {"logits_to_keep": 1} if "logits_to_keep" in params else {}}
+
+
+@torch.inference_mode()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler, max_new_tokens: int,
+           stops: list[int]) -> list[list[int]]:
+    """Each row's new tokens, up to and including its first stop id, from a left-padded batch.
+
+    The decode loop `generate` runs (one forward over the prompts, then one token per step on the
+    cache, positions counted from each row's first real token), with one change: a row that emits a
+    stop id leaves the batch, cache included, so the remaining steps cost only the rows still
+    running. transformers' `generate` keeps every row to the end of the longest, feeding pad tokens.
+    """
+    kw = _forward_kwargs(model)
+    rows, width = input_ids.shape
+    device = input_ids.device
+    cache = preallocated_kv_cache(model.config, width + max_new_tokens)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], 1)  # every step's columns
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    live = torch.arange(rows, device=device)  # the input row of each row still in the batch
+    live_rows, stop_set = list(range(rows)), set(stops)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    inputs = input_ids
+    for step in range(max_new_tokens):
+        logits = model(input_ids=inputs, attention_mask=mask[:, :width + step], position_ids=positions,
+                       use_cache=True, **{kw["cache_key"]: cache}, **kw["logits_to_keep"]).logits[:, -1]
+        chosen = sampler(logits, step, live)
+        keep = []
+        for k, (row, token) in enumerate(zip(live_rows, chosen.tolist())):  # the step's one device sync
+            tokens[row].append(token)
+            if token not in stop_set:
+                keep.append(k)
+        if not keep or step + 1 == max_new_tokens:
+            break
+        if len(keep) < len(live_rows):
+            live_rows = [live_rows[k] for k in keep]
+            keep = torch.tensor(keep, device=device)
+            cache.batch_select_indices(keep)
+            live, mask, chosen, positions = live[keep], mask[keep], chosen[keep], positions[keep]
+        inputs, positions = chosen.unsqueeze(1), positions[:, -1:] + 1
+    return tokens
 
 
 @torch.inference_mode()
@@ -1159,16 +1218,15 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: lis
     {"text", "token_ids" (EOS included if emitted), "num_tokens", "finish_reason": "eos" | "length"}.
 
     Prompts are sorted by length (longest first: memory trouble shows at once) and left-padded into
-    batches of `batch_size`, so a batch holds similar lengths and every row's new tokens start at
-    the same column. temperature 0 is greedy; otherwise row i samples from stream `seeds[i]`
+    batches of `batch_size`, so a batch holds similar lengths; `decode` runs each batch, dropping
+    rows as they finish. temperature 0 is greedy; otherwise row i samples from stream `seeds[i]`
     (`SeededSampler`). The model's own generation config (its temperature, penalties) is not used.
     """
     from tqdm.auto import tqdm
-    from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     out: list[dict | None] = [None] * len(prompt_ids)
@@ -1180,23 +1238,14 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: lis
         for row, i in enumerate(batch):
             ids[row, width - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
             mask[row, width - len(prompt_ids[i]):] = 1
-        processors = LogitsProcessorList()
-        if temperature > 0:
-            processors.append(SeededSampler(torch.tensor([seeds[i] for i in batch]), width, temperature, top_p))
-        with warnings.catch_warnings():  # newer 5.x name it `cache`; `past_key_values` works in every 5.x
-            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
-            generated = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), logits_processor=processors,
-                past_key_values=preallocated_kv_cache(model.config, width + max_new_tokens),
-                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
-                no_repeat_ngram_size=0, eos_token_id=stops, pad_token_id=pad_id)[:, width:].tolist()
+        sampler = SeededSampler(torch.tensor([seeds[i] for i in batch]), temperature, top_p)
+        generated = decode(model, ids.to(device), mask.to(device), sampler, max_new_tokens, stops)
         for row, i in enumerate(batch):
             tokens = generated[row]
-            end = next((t for t, token in enumerate(tokens) if token in stops), None)
-            tokens = tokens[:end + 1] if end is not None else tokens[:max_new_tokens]
-            text = tokenizer.decode(tokens[:-1] if end is not None else tokens, skip_special_tokens=True)
+            ended = tokens[-1] in stops
+            text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
             out[i] = {"text": text, "token_ids": tokens, "num_tokens": len(tokens),
-                      "finish_reason": "eos" if end is not None else "length"}
+                      "finish_reason": "eos" if ended else "length"}
     return out
 
 

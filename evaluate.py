@@ -69,7 +69,7 @@ class Settings:
     temperature: float = setting(1.0, "sampling temperature (1: the KL is an unbiased estimate); 0 is greedy")
     top_p: float = setting(1.0, "nucleus sampling")
     seed: int = setting(0, "response i is sampled with noise seeded by (seed, i), for policy and SFT alike")
-    batch_size: int = setting(32, "sequences per generate call and per log-prob pass, on each process")
+    batch_size: int = setting(32, "sequences decoded together and per log-prob pass, on each process")
     gold_batch_size: int = setting(16, "gold reward model: sequences per forward pass")
     gold_max_length: int = setting(0, "gold reward model: a longer conversation loses tokens from the left; 0: no "
                                       "limit")

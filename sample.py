@@ -3,9 +3,10 @@
     python sample.py --model runs/sft --prompts data/embedded/prompts.jsonl --output runs/dpo/iter1/samples.jsonl
     torchrun --nproc_per_node 8 sample.py --model ... --n 4 --temperature 0.7    # prompts split over processes
 
-The stage: read prompts -> tokenize (the chat template with its generation prompt) -> generate with
-transformers in batches of similar prompt lengths, left-padded (every process holds a full copy of
-the model; never FSDP) -> write samples.jsonl, one row per prompt in input order:
+The stage: read prompts -> tokenize (the chat template with its generation prompt) -> decode with
+the transformers model in batches of similar prompt lengths, left-padded, a row leaving its batch
+when it emits EOS (common.decode; every process holds a full copy of the model, never FSDP) ->
+write samples.jsonl, one row per prompt in input order:
 
     {"prompt": <as given>, <the row's other fields>, "responses": [{"text", "num_tokens", "finish_reason"}, ...]}
 
@@ -51,12 +52,12 @@ class Settings:
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     max_new_tokens: int = setting(256, "response tokens at most; a response cut here gets finish_reason 'length'")
     max_prompt_length: int = setting(0, "a longer prompt loses tokens from the left; 0: no limit")
-    batch_size: int = setting(32, "sequences (prompt x sample) per generate call on each process")
+    batch_size: int = setting(32, "sequences (prompt x sample) decoded together on each process")
     seed: int = setting(0, "response j to prompt i is sampled with noise seeded by (seed, i, j)")
     save_every: int = setting(256, "prompts per progress file in OUTPUT.parts/ (resume point); 0: only at the end")
     dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "model dtype; auto: bfloat16 on GPU, float32 on CPU")
-    engine: typing.Literal["hf", "vllm"] = setting("hf", "hf: transformers generate; vllm: vLLM, if installed")
+    engine: typing.Literal["hf", "vllm"] = setting("hf", "hf: the transformers model, decoded by common.decode; vllm: vLLM, if installed")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
 
 

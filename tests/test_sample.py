@@ -208,12 +208,11 @@ def test_seeded_sampler_draws_from_the_tempered_softmax_and_respects_top_p():
     n = 20000
     seeds = torch.tensor([common.response_seed(0, i, 0) for i in range(n)])
     scores = logits.expand(n, -1).clone()
-    ids = torch.zeros(n, 3, dtype=torch.long)
-    chosen = common.SeededSampler(seeds, 3, 0.8, 1.0)(ids, scores).argmax(-1)
+    chosen = common.SeededSampler(seeds, 0.8, 1.0)(scores, 0)
     freq = torch.bincount(chosen, minlength=5).float() / n
     p = (logits / 0.8).softmax(-1)
     assert torch.all((freq - p).abs() < 4 * (p * (1 - p) / n).sqrt() + 1e-3)
-    top = common.SeededSampler(seeds, 3, 1.0, 0.7)(ids, scores).argmax(-1)
+    top = common.SeededSampler(seeds, 1.0, 0.7)(scores, 0)
     assert set(top.tolist()) == {0, 1}  # softmax mass: 0.61, 0.22 (cumulative 0.84 >= 0.7), ...
 
 
@@ -252,6 +251,48 @@ def test_preallocated_kv_cache_gives_the_scores_of_transformers_own_cache(policy
     ours = model.generate(**kwargs, past_key_values=common.preallocated_kv_cache(model.config, width + 12))
     assert torch.equal(ours.sequences, own.sequences)
     assert all(torch.equal(a, b) for a, b in zip(ours.scores, own.scores, strict=True))
+
+
+class AsLogitsProcessor:
+    """A SeededSampler as a transformers logits processor: only the chosen token stays finite, so
+    `generate(do_sample=False)` takes it (how sample.py sampled before it had its own decode loop)."""
+
+    def __init__(self, sampler, width):
+        self.sampler, self.width = sampler, width
+
+    def __call__(self, input_ids, scores):
+        choice = self.sampler(scores, input_ids.shape[1] - self.width)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice.unsqueeze(1), 0.0)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_decode_drops_finished_rows_and_gives_generates_tokens(policy_dir, temperature):
+    """common.decode takes a row out of the batch when it emits EOS; every row's tokens are still
+    those of transformers' generate over the whole batch (same sampler, same left-padded prompts),
+    and the batch really shrinks (rows stop at different steps here)."""
+    from transformers import LogitsProcessorList
+
+    tokenizer, model = common.load_tokenizer(str(policy_dir)), common.load_model(str(policy_dir))
+    prompts = [common.encode_prompt(tokenizer, r["prompt"]) for r in prompt_rows(12, seed=5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (ids != 0).long()
+    seeds = torch.tensor([common.response_seed(0, i, 0) for i in range(len(prompts))])
+    sampler = common.SeededSampler(seeds, temperature)
+    batch_sizes = []
+    real_forward = model.forward
+    model.forward = lambda *a, **k: batch_sizes.append(k["input_ids"].shape[0]) or real_forward(*a, **k)
+    ours = common.decode(model, ids, mask, sampler, 16, [2])
+    model.forward = real_forward
+    own = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                         eos_token_id=2, logits_processor=LogitsProcessorList([AsLogitsProcessor(sampler, width)]))
+    expected = [row[:row.index(2) + 1] if 2 in row else row for row in own[:, width:].tolist()]
+    assert ours == expected
+    lengths = sorted(len(t) for t in ours)
+    assert len(set(lengths)) > 2 and lengths[-1] == 16  # rows end at several steps; some never do
+    assert batch_sizes[0] == 12 and batch_sizes[-1] < 12  # finished rows left the batch
+    assert len(batch_sizes) == 16 and batch_sizes == sorted(batch_sizes, reverse=True)
 
 
 def test_two_processes_write_the_same_file_as_one(policy_dir, prompts_file, tmp_path):
