@@ -17,7 +17,12 @@ Both sides run in this process, one after the other, each once untimed on a few 
 time runs from loading the model to having every result (label.py also writes its pairs). Prompts
 and responses have long-tailed word counts (lognormal, like real ones); every word is one token.
 The random-init policy almost never emits EOS, so every sampled response runs to max_new_tokens:
-the sampling figure measures batching and the per-token cost, not early stopping.
+that figure measures batching and the per-token cost, not early stopping. Responses that stop at
+EOS at different lengths, as real ones do: `--sft_steps N` first fine-tunes the random-init policy
+with sft.py (in its own process) for N steps on prompts with random-word responses of long-tailed
+length (lognormal, median 48 words, capped below max_new_tokens), each ending in EOS; or `--policy
+DIR --policy_prompts FILE` samples a trained policy (the first --prompts rows of FILE), e.g. the
+embedded default's runs/sft.
 
 The last line is `sample_speedup=X.XX label_speedup=Y.YY` (ours over the plain loop's).
 """
@@ -63,6 +68,9 @@ class BenchSettings:
     seed: int = 0
     stages: str = "sample,label"  # which comparisons, comma-separated
     work_dir: str = "runs/bench_sample_label"  # models, inputs and outputs (rebuilt on every call)
+    sft_steps: int = 0  # sampling: fine-tune the policy first (sft.py), so that it stops at EOS; 0: random-init
+    policy: str = ""  # sampling: a trained policy directory instead of the random-init one
+    policy_prompts: str = ""  # with --policy: its prompts (JSONL with `prompt`, a string or chat messages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +126,23 @@ def prepare(s: BenchSettings, work: Path) -> dict:
     samples = make_samples(make_prompts(s.label_prompts, shape["vocab_size"], s.seed + 2), s.n,
                            shape["vocab_size"], s.seed)
     write_jsonl(work / "samples.jsonl", samples)
+    if s.sft_steps and "sample" in s.stages.split(","):
+        import subprocess
+
+        import numpy as np
+
+        rng = np.random.default_rng(s.seed + 3)
+        sft_prompts = make_prompts(1024, shape["vocab_size"], s.seed + 3)
+        lengths = lognormal_lengths(rng, len(sft_prompts), 48, 0.8, 1, s.max_new_tokens - 1)
+        write_jsonl(work / "sft.jsonl", [{"prompt": p, "response": words(rng, shape["vocab_size"], k)}
+                                         for p, k in zip(sft_prompts, lengths)])
+        # Its own process: training sets the allocator for itself (common.start_training), and that
+        # must not change the sampling runs that follow here.
+        subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(work / "policy"), "--data",
+                        str(work / "sft.jsonl"), "--output_dir", str(work / "policy_sft"), "--max_steps",
+                        str(s.sft_steps), "--batch_size", "16", "--lr", "1e-3", "--lr_schedule", "constant",
+                        "--max_length", "512", "--save_every", "0", "--seed", str(s.seed)], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": str(s.threads)})
     return {"params": sum(p.numel() for p in policy.parameters()),
             "prompt_words": sorted(len(p.split()) for p in prompts),
             "response_words": sorted(len(r["text"].split()) for row in samples for r in row["responses"])}
@@ -134,7 +159,8 @@ def plain_sample(model_dir: Path, prompts_path: Path, s: BenchSettings, device, 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     prompts = [row["prompt"] for row in read_jsonl(prompts_path)]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+    texts = [tokenizer.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}],
+                                           tokenize=False, add_generation_prompt=True)
              for p in prompts for _ in range(s.n)]
     generated = 0
     for start in range(0, len(texts), s.sample_batch_size):
@@ -203,17 +229,19 @@ def head(path: Path, out: Path, n: int) -> Path:
 
 
 def compare_sampling(s: BenchSettings, work: Path, device, dtype) -> dict:
+    policy, prompts = work / ("policy_sft" if s.sft_steps else "policy"), work / "prompts.jsonl"
+    if s.policy:
+        policy, prompts = Path(s.policy).resolve(), head(Path(s.policy_prompts), work / "policy_prompts.jsonl", s.prompts)
     warm = dataclasses.replace(s, max_new_tokens=4)
-    small = head(work / "prompts.jsonl", work / "prompts_warmup.jsonl", 4)
-    plain_sample(work / "policy", small, warm, device, dtype)
-    our_sample(work / "policy", small, work / "warmup" / "samples.jsonl", warm)
+    small = head(prompts, work / "prompts_warmup.jsonl", 4)
+    plain_sample(policy, small, warm, device, dtype)
+    our_sample(policy, small, work / "warmup" / "samples.jsonl", warm)
     best = {"plain": math.inf, "ours": math.inf}
     tokens = {}
     for rep in range(s.repeats):
-        seconds, tokens["plain"] = timed(plain_sample, work / "policy", work / "prompts.jsonl", s, device, dtype)
+        seconds, tokens["plain"] = timed(plain_sample, policy, prompts, s, device, dtype)
         best["plain"] = min(best["plain"], seconds)
-        seconds, tokens["ours"] = timed(our_sample, work / "policy", work / "prompts.jsonl",
-                                        work / f"sampled_{rep}" / "samples.jsonl", s)
+        seconds, tokens["ours"] = timed(our_sample, policy, prompts, work / f"sampled_{rep}" / "samples.jsonl", s)
         best["ours"] = min(best["ours"], seconds)
     return {k: {"seconds": best[k], "tokens": tokens[k], "per_s": tokens[k] / best[k]} for k in best}
 
@@ -243,6 +271,8 @@ def main(s: BenchSettings) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # sample.py and label.py would take a GPU if they saw one
     import torch
 
+    if bool(s.policy) != bool(s.policy_prompts) or (s.policy and s.sft_steps):
+        raise SystemExit("--policy and --policy_prompts go together, and not with --sft_steps")
     torch.set_num_threads(s.threads)
     device = torch.device(s.device)
     dtype = torch.bfloat16 if s.device == "cuda" else torch.float32  # what sample.py and label.py pick ("auto")
@@ -269,9 +299,12 @@ def main(s: BenchSettings) -> None:
         r = compare_sampling(s, work, device, dtype)
         ratios["sample"] = r["ours"]["per_s"] / r["plain"]["per_s"]
         print(json.dumps({"sample": r}), flush=True)
-        lines.append(f"| sample.py | generated tokens/s ({s.prompts} prompts x {s.n}, {s.max_new_tokens} new tokens "
-                     f"at most, batch {s.sample_batch_size}) | {r['ours']['per_s']:.0f} | {r['plain']['per_s']:.0f} | "
-                     f"{ratios['sample']:.2f} |")
+        n = len(read_jsonl(work / "policy_prompts.jsonl" if s.policy else work / "prompts.jsonl")) * s.n
+        which = f"policy {s.policy}, " if s.policy else f"policy after {s.sft_steps} SFT steps, " if s.sft_steps else ""
+        lines.append(f"| sample.py | generated tokens/s ({which}{n // s.n} prompts "
+                     f"x {s.n}, {s.max_new_tokens} new tokens at most, batch {s.sample_batch_size}; mean response "
+                     f"{r['ours']['tokens'] / n:.1f} / {r['plain']['tokens'] / n:.1f} tokens) | {r['ours']['per_s']:.0f} | "
+                     f"{r['plain']['per_s']:.0f} | {ratios['sample']:.2f} |")
     if "label" in stages:
         r = compare_scoring(s, work, device, dtype)
         ratios["label"] = r["ours"]["per_s"] / r["plain"]["per_s"]
