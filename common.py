@@ -1090,14 +1090,14 @@ def stream_gumbel(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
 class SeededSampler:
     """Picks each row's next token: argmax(logits / T + g) with g ~ Gumbel(0, 1) from the row's own
     stream (Gumbel-max: a draw from softmax(logits / T)); top-p removes the tail first; temperature 0
-    is greedy. `sampler(logits [b, V], step, rows) -> token ids [b]`, where `rows` picks the seeds of
-    the b rows still in the batch.
+    is greedy. `sampler(logits [b, V], step, rows) -> token ids [b]`, where `rows` (a list of b
+    indices into `seeds`) names the rows still in the batch.
     """
 
     def __init__(self, seeds: torch.Tensor, temperature: float, top_p: float = 1.0):
         self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
 
-    def __call__(self, logits: torch.Tensor, step: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, step: int, rows: list[int] | None = None) -> torch.Tensor:
         logits = logits.float()
         if self.temperature == 0:
             return logits.argmax(-1)
@@ -1107,7 +1107,7 @@ class SeededSampler:
             probs = sorted_logits.softmax(-1)
             drop = (probs.cumsum(-1) - probs) >= self.top_p
             logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-        seeds = self.seeds if rows is None else self.seeds[rows.to(self.seeds.device)]
+        seeds = self.seeds if rows is None else self.seeds[rows]
         noise = stream_gumbel(seeds.to(logits.device), step, logits.shape[-1])
         return (logits.double() + noise).argmax(-1)
 
@@ -1186,8 +1186,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler
     cache = preallocated_kv_cache(model.config, width + max_new_tokens)
     mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], 1)  # every step's columns
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-    live = torch.arange(rows, device=device)  # the input row of each row still in the batch
-    live_rows, stop_set = list(range(rows)), set(stops)
+    live, stop_set = list(range(rows)), set(stops)  # the input row of each row still in the batch
     tokens: list[list[int]] = [[] for _ in range(rows)]
     inputs = input_ids
     for step in range(max_new_tokens):
@@ -1195,17 +1194,17 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler
                        use_cache=True, **{kw["cache_key"]: cache}, **kw["logits_to_keep"]).logits[:, -1]
         chosen = sampler(logits, step, live)
         keep = []
-        for k, (row, token) in enumerate(zip(live_rows, chosen.tolist())):  # the step's one device sync
+        for k, (row, token) in enumerate(zip(live, chosen.tolist())):  # the step's one device sync
             tokens[row].append(token)
             if token not in stop_set:
                 keep.append(k)
         if not keep or step + 1 == max_new_tokens:
             break
-        if len(keep) < len(live_rows):
-            live_rows = [live_rows[k] for k in keep]
+        if len(keep) < len(live):
+            live = [live[k] for k in keep]
             keep = torch.tensor(keep, device=device)
             cache.batch_select_indices(keep)
-            live, mask, chosen, positions = live[keep], mask[keep], chosen[keep], positions[keep]
+            mask, chosen, positions = mask[keep], chosen[keep], positions[keep]
         inputs, positions = chosen.unsqueeze(1), positions[:, -1:] + 1
     return tokens
 
