@@ -273,6 +273,8 @@ def main(s: BenchSettings) -> None:
 
     if bool(s.policy) != bool(s.policy_prompts) or (s.policy and s.sft_steps):
         raise SystemExit("--policy and --policy_prompts go together, and not with --sft_steps")
+    if s.sft_steps < 0:
+        raise SystemExit(f"--sft_steps {s.sft_steps}: need >= 0")
     torch.set_num_threads(s.threads)
     device = torch.device(s.device)
     dtype = torch.bfloat16 if s.device == "cuda" else torch.float32  # what sample.py and label.py pick ("auto")
