@@ -57,7 +57,8 @@ class Settings:
     save_every: int = setting(256, "prompts per progress file in OUTPUT.parts/ (resume point); 0: only at the end")
     dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "model dtype; auto: bfloat16 on GPU, float32 on CPU")
-    engine: typing.Literal["hf", "vllm"] = setting("hf", "hf: the transformers model, decoded by common.decode; vllm: vLLM, if installed")
+    engine: typing.Literal["hf", "vllm"] = setting(
+        "hf", "hf: the transformers model, decoded by common.decode; vllm: vLLM, if installed")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
 
 

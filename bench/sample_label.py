@@ -231,7 +231,8 @@ def head(path: Path, out: Path, n: int) -> Path:
 def compare_sampling(s: BenchSettings, work: Path, device, dtype) -> dict:
     policy, prompts = work / ("policy_sft" if s.sft_steps else "policy"), work / "prompts.jsonl"
     if s.policy:
-        policy, prompts = Path(s.policy).resolve(), head(Path(s.policy_prompts), work / "policy_prompts.jsonl", s.prompts)
+        policy = Path(s.policy).resolve()
+        prompts = head(Path(s.policy_prompts), work / "policy_prompts.jsonl", s.prompts)
     warm = dataclasses.replace(s, max_new_tokens=4)
     small = head(prompts, work / "prompts_warmup.jsonl", 4)
     plain_sample(policy, small, warm, device, dtype)
@@ -243,7 +244,8 @@ def compare_sampling(s: BenchSettings, work: Path, device, dtype) -> dict:
         best["plain"] = min(best["plain"], seconds)
         seconds, tokens["ours"] = timed(our_sample, policy, prompts, work / f"sampled_{rep}" / "samples.jsonl", s)
         best["ours"] = min(best["ours"], seconds)
-    return {k: {"seconds": best[k], "tokens": tokens[k], "per_s": tokens[k] / best[k]} for k in best}
+    n = len(read_jsonl(prompts)) * s.n
+    return {k: {"seconds": best[k], "responses": n, "tokens": tokens[k], "per_s": tokens[k] / best[k]} for k in best}
 
 
 def compare_scoring(s: BenchSettings, work: Path, device, dtype) -> dict:
@@ -301,12 +303,12 @@ def main(s: BenchSettings) -> None:
         r = compare_sampling(s, work, device, dtype)
         ratios["sample"] = r["ours"]["per_s"] / r["plain"]["per_s"]
         print(json.dumps({"sample": r}), flush=True)
-        n = len(read_jsonl(work / "policy_prompts.jsonl" if s.policy else work / "prompts.jsonl")) * s.n
+        n = r["ours"]["responses"]
         which = f"policy {s.policy}, " if s.policy else f"policy after {s.sft_steps} SFT steps, " if s.sft_steps else ""
-        lines.append(f"| sample.py | generated tokens/s ({which}{n // s.n} prompts "
-                     f"x {s.n}, {s.max_new_tokens} new tokens at most, batch {s.sample_batch_size}; mean response "
-                     f"{r['ours']['tokens'] / n:.1f} / {r['plain']['tokens'] / n:.1f} tokens) | {r['ours']['per_s']:.0f} | "
-                     f"{r['plain']['per_s']:.0f} | {ratios['sample']:.2f} |")
+        lines.append(f"| sample.py | generated tokens/s ({which}{n // s.n} prompts x {s.n}, {s.max_new_tokens} new "
+                     f"tokens at most, batch {s.sample_batch_size}; mean response {r['ours']['tokens'] / n:.1f} / "
+                     f"{r['plain']['tokens'] / n:.1f} tokens) | {r['ours']['per_s']:.0f} | {r['plain']['per_s']:.0f} | "
+                     f"{ratios['sample']:.2f} |")
     if "label" in stages:
         r = compare_scoring(s, work, device, dtype)
         ratios["label"] = r["ours"]["per_s"] / r["plain"]["per_s"]
