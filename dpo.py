@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import hashlib
 import json
 import os
@@ -23,18 +22,18 @@ from pathlib import Path
 
 import torch
 
-from common import (DTYPES, TEXT_OR_CHAT, MetricsLog, TrainSettings, UserError, all_reduce_sum, atomic_write_text,
-                    check_model_dir, cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts,
-                    encode_responses, fit_to_length, global_batches, load_checkpoint, load_model, load_rows,
-                    load_tokenizer, lr_at, micro_batches, note_changed_settings, peak_memory_gib, progress,
-                    require_input, reshard, run_main, save_checkpoint, save_final_model, save_settings,
-                    set_gradient_sync, setting, start_training, stop_if_not_finite, wrap_policy)
+from brevity.batches import micro_batches
+from brevity.config import UserError, run_main, setting
+from brevity.files import TEXT_OR_CHAT, load_rows, require_input
+from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
+from brevity.logprobs import response_logps
+from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer, release_memory
+from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length
+from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
 from losses import LOSSES, loss_hyperparameters
 
 DEFAULT_MODEL, DEFAULT_DATA = "runs/sft", "data/embedded/prefs.jsonl"
 PAIR_FIELDS = {"prompt": TEXT_OR_CHAT, "chosen": TEXT_OR_CHAT, "rejected": TEXT_OR_CHAT}
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-           "logps/chosen", "logps/rejected", "length/chosen", "length/rejected")  # means over the batch's pairs
 REF_CACHE = "ref_logps.safetensors"
 
 
@@ -84,11 +83,9 @@ def settings_classes(argv: list[str]) -> tuple[type, type]:
     return Settings, loss_settings(name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: a pair is (prompt ids, chosen ids, rejected ids); each response ends with EOS.
-
 def encode_pairs(rows: list[dict], tokenizer, s: Settings) -> tuple[list[tuple], dict]:
-    """Tokenize and fit every row to the length limits; return the pairs and what truncation did.
+    """Tokenize and fit every row to the length limits; return the pairs (prompt ids, chosen ids,
+    rejected ids; each response ends with EOS) and what truncation did.
     A pair whose chosen and rejected responses are the same tokens is dropped (and counted): every
     preference loss's pairwise term has zero gradient on it."""
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
@@ -125,11 +122,6 @@ def pair_tokens(pairs: list[tuple], batch: list[int]) -> int:
     """Non-pad tokens of the chosen and rejected sequences of a batch."""
     return sum(2 * len(pairs[i][0]) + len(pairs[i][1]) + len(pairs[i][2]) for i in batch)
 
-
-# ---------------------------------------------------------------------------------------------
-# Reference log-probs: one no-grad pass before training, cached in output_dir under a key that
-# changes with the tokenized pairs (data, tokenizer, chat template, length limits), the reference
-# model's files and the dtype.
 
 def model_fingerprint(path: str) -> str:
     """config.json and the name, size and mtime of each weights file; a hub id stands for itself."""
@@ -169,41 +161,38 @@ def write_ref_cache(path: Path, key: str, chosen: torch.Tensor, rejected: torch.
     os.replace(tmp, path)
 
 
-@torch.no_grad()
-def response_logps(model, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, d) -> torch.Tensor:
-    """logp(response | prompt) of every (prompt, response), float32 [N] on CPU, on every process.
+def reference_logps(pairs: list[tuple], s: Settings, pad_id: int, d) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(ref_logp(chosen) [N], ref_logp(rejected) [N], seconds spent computing them).
 
-    Length-sorted batches of `batch_size` sequences per process; under FSDP every process must run
-    every forward, so one without a share of the last group recomputes an example of it.
+    Read from output_dir's cache when its key matches (the tokenized pairs, the reference model's
+    files, the dtype), else computed in one no-grad pass with the reference model (--ref_model, or
+    the starting policy) and written there. The model is loaded here and released before this
+    returns, so it is never in memory beside the policy.
     """
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
-    total, count = torch.zeros(len(examples)), torch.zeros(len(examples))
-    group = batch_size * d.world_size
-    for start in range(0, len(order), group):
-        ids = order[start:start + group][d.rank * batch_size:(d.rank + 1) * batch_size] or order[start:start + 1]
-        logps = model(*collate([examples[i] for i in ids], pad_id, d.device)).float().cpu()
-        total[ids] += logps
-        count[ids] += 1
-    reshard(model)
-    return all_reduce_sum(d, total.to(d.device)).cpu() / all_reduce_sum(d, count.to(d.device)).cpu()
-
-
-def reference_logps(model, pairs: list[tuple], s: Settings, pad_id: int, d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ref_logp(chosen), ref_logp(rejected)), each [N], computed with `model` and cached."""
+    path, name = Path(s.output_dir) / REF_CACHE, s.ref_model or s.model
+    key = ref_cache_key(pairs, name, s.dtype)
+    if (cached := read_ref_cache(path, key)) is not None:
+        return (*cached, 0.0)
+    began = time.time()
+    reference = wrap_policy(load_model(name, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size)
     batch = 2 * s.batch_size // (d.world_size * s.grad_accum)
-    logps = response_logps(model, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], batch, pad_id, d)
-    return logps[:len(pairs)], logps[len(pairs):]
+    logps = response_logps(reference, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], batch, pad_id, d)
+    del reference
+    release_memory()
+    chosen, rejected, seconds = logps[:len(pairs)], logps[len(pairs):], time.time() - began
+    if d.is_main:
+        write_ref_cache(path, key, chosen, rejected)
+        print(f"reference log-probs of {len(pairs)} pairs in {seconds:.1f} s, cached in {path}")
+    return chosen, rejected, seconds
 
-
-# ---------------------------------------------------------------------------------------------
-# One optimizer step's forward and backward.
 
 def accumulate_gradients(policy, pairs: list[tuple], batch: list[int], loss_fn, hyper: dict, ref, s: Settings,
-                         pad_id: int, d) -> torch.Tensor:
-    """Forward and backward over this process's micro-batches of the global `batch`; return the sums of
-    METRICS over its pairs. The loss is the mean over the global batch, so the gradient is the same
-    for any split into processes and micro-steps (FSDP averages over processes, hence the factor)."""
-    sums = torch.zeros(len(METRICS))
+                         pad_id: int, d) -> dict:
+    """Forward and backward over this process's micro-batches of the global `batch`; return this
+    process's sums of the step's metrics over its pairs. The loss is the mean over the global batch,
+    so the gradient is the same for any split into processes and micro-steps (FSDP averages over
+    processes, hence the factor)."""
+    sums = {}
     micro = micro_batches(batch, d.world_size, d.rank, s.grad_accum)
     for step, ids in enumerate(micro):
         set_gradient_sync(policy, step == len(micro) - 1)
@@ -218,11 +207,12 @@ def accumulate_gradients(policy, pairs: list[tuple], batch: list[int], loss_fn, 
             reference_rejected_logps=None if ref is None else ref[1][ids].to(d.device),
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **hyper)
         (losses.sum() * d.world_size / len(batch)).backward()
-        with torch.no_grad():
-            margin = chosen_rewards - rejected_rewards
-            sums += torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(), margin.sum(),
-                                 (margin > 0).float().sum(), chosen_logps.sum(), rejected_logps.sum(),
-                                 chosen_lengths.sum().float(), rejected_lengths.sum().float()]).float().cpu()
+        margin = chosen_rewards - rejected_rewards
+        for name, values in {"loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                             "rewards/margin": margin, "rewards/accuracy": margin > 0, "logps/chosen": chosen_logps,
+                             "logps/rejected": rejected_logps, "length/chosen": chosen_lengths,
+                             "length/rejected": rejected_lengths}.items():
+            sums[name] = sums.get(name, 0) + values.detach().float().sum()
     return sums
 
 
@@ -238,90 +228,32 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     loss, hyper = LOSSES[s.loss], dataclasses.asdict(hyperparameters)
     if set(hyper) != set(loss_hyperparameters(s.loss)):
         raise UserError(f"loss {s.loss!r} takes {sorted(loss_hyperparameters(s.loss))}, got {sorted(hyper)}")
-    out = Path(s.output_dir)
-    if (started := start_training(s)) is None:
+    if (run := start_training(s, "dpo", unit="pairs")) is None:
         return None
-    d, checkpoint = started
+    d = run.d
 
-    # Data
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
     pairs, stats = encode_pairs(load_rows(s.data, PAIR_FIELDS), tokenizer, s)
-    if d.is_main:
-        print(describe(stats, s))
-    per_epoch, total_steps = count_steps(len(pairs), s)  # after the data line, which says what was dropped
-    if d.is_main:
-        if checkpoint:
-            note_changed_settings(out, {**dataclasses.asdict(s), **hyper}, d)
-        atomic_write_text(out / "data_stats.json", json.dumps(stats, indent=1) + "\n")
-        save_settings(out, s, hyperparameters)
-        print(f"dpo: loss {s.loss} ({', '.join(f'{k}={v}' for k, v in hyper.items())}); {total_steps} steps of "
-              f"{s.batch_size} pairs ({per_epoch} per epoch) on {d.world_size} process(es)")
+    run.plan(len(pairs), stats, describe(stats, s), s, hyperparameters,
+             what=f"loss {s.loss} ({', '.join(f'{k}={v}' for k, v in hyper.items())}); ")
+    # before the policy exists (one model in memory at a time) and before a checkpoint is loaded into it
+    ref = None if loss.reference_free else reference_logps(pairs, s, tokenizer.pad_token_id, d)
 
-    # Reference log-probs, before the policy trains (and before a checkpoint is loaded into it)
-    ref, ref_computed, began = None, False, time.time()
-    if not loss.reference_free:
-        key = ref_cache_key(pairs, s.ref_model or s.model, s.dtype)
-        ref = read_ref_cache(out / REF_CACHE, key)
-        if ref is None and s.ref_model and s.ref_model != s.model:
-            reference = wrap_policy(load_model(s.ref_model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size)
-            ref, ref_computed = reference_logps(reference, pairs, s, tokenizer.pad_token_id, d), True
-            del reference
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
     policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
                          s.activation_checkpointing)
-    if not loss.reference_free and ref is None:  # the reference is the starting policy
-        ref, ref_computed = reference_logps(policy, pairs, s, tokenizer.pad_token_id, d), True
-    ref_seconds = time.time() - began if ref_computed else 0.0
-    if ref_computed and d.is_main:
-        write_ref_cache(out / REF_CACHE, key, *ref)
-        print(f"reference log-probs of {len(pairs)} pairs in {ref_seconds:.1f} s, cached in {out / REF_CACHE}")
-
-    # Train
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    start = load_checkpoint(checkpoint, policy, optimizer, d)["step"] if checkpoint else 0
-    if checkpoint and d.is_main:
-        print(f"resuming from {checkpoint} (step {start} of {total_steps})")
-    metrics = MetricsLog(out / "metrics.jsonl", d, resume_step=start)
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in pairs]
-    bar = progress(global_batches(lengths, s, start, total_steps), d, total_steps, start, "dpo")
-    row, train_start = {}, time.time()
-    for step, batch in bar:
-        began = time.time()
-        lr = lr_at(step, s, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    run.resume(policy, optimizer)
+    for step, batch in run.steps([len(p) + max(len(c), len(r)) for p, c, r in pairs]):
+        lr = set_lr(optimizer, run.lr(step))
         sums = accumulate_gradients(policy, pairs, batch, loss.fn, hyper, ref, s, tokenizer.pad_token_id, d)
         grad_norm = clip_grad_norm(policy, s.max_grad_norm)
-        means = all_reduce_sum(d, sums.to(d.device)).cpu() / len(batch)
-        stop_if_not_finite("dpo.py", step + 1, {"loss": float(means[0]), "gradient norm": grad_norm}, out)
+        means = {name: total / len(batch) for name, total in all_reduce_sums(d, sums).items()}
+        run.check_finite(step, {"loss": means["loss"], "gradient norm": grad_norm})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        now = time.time()
-        row = {"step": step + 1, "epoch": (step + 1) / per_epoch, "lr": lr, **dict(zip(METRICS, means.tolist())),
-               "grad_norm": grad_norm, "tokens": pair_tokens(pairs, batch), "pairs_per_s": len(batch) / (now - began),
-               "time": now}
-        metrics.log(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}")
-        if s.save_every and (step + 1) % s.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out, step + 1, policy, optimizer, d, {"total_steps": total_steps})
-    bar.close()
-    metrics.close()
-    train_seconds = time.time() - train_start
-    if d.is_main:
-        atomic_write_text(out / "summary.json", json.dumps({
-            "steps": total_steps, "steps_this_run": total_steps - start, "train_start": train_start,
-            "train_s": train_seconds, "ref_logps_s": ref_seconds,
-            "pairs_per_s": (total_steps - start) * s.batch_size / max(train_seconds, 1e-9),
-            "peak_memory_gib": peak_memory_gib(d), "processes": d.world_size, "last_step": row}, indent=1) + "\n")
-
-    save_final_model(policy, tokenizer, out, d,
-                     keep=("settings.json", "metrics.jsonl", "data_stats.json", "summary.json", REF_CACHE))
-    if d.is_main:
-        last = f"; last step: loss {row['loss']:.4f}, accuracy {row['rewards/accuracy']:.2f}" if row else ""
-        print(f"saved {out}{last}")
-    cleanup_distributed()
+        run.log_step(step, batch, {"lr": lr, **means, "grad_norm": grad_norm, "tokens": pair_tokens(pairs, batch)},
+                     policy, optimizer)
+    run.finish(policy, tokenizer, {"ref_logps_s": 0.0 if ref is None else ref[2]}, keep=(REF_CACHE,))
     return policy.model
 
 

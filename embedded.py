@@ -48,7 +48,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common import atomic_write_text, run_main
+from brevity.config import run_main
+from brevity.files import atomic_write_text
 
 CATEGORIES = {  # 12 categories x 12 items; every item is one word and belongs to one category only
     "fruits": "apple pear plum peach mango grape lemon lime cherry banana kiwi melon",
@@ -101,7 +102,6 @@ class Settings:
     seed: int = dataclasses.field(default=0, metadata={"help": "seed for the data and the model init"})
 
 
-# ---------------------------------------------------------------------------------------------
 # The task and its scorers
 
 ITEM_CATEGORY = {item: name for name, items in CATEGORIES.items() for item in items}
@@ -160,7 +160,6 @@ def gold_score(prompts: list[str], responses: list[str]) -> list[float]:
     return scores
 
 
-# ---------------------------------------------------------------------------------------------
 # Data: prompts, a noisy demonstrator, references
 
 def sample_prompt(rng: random.Random) -> str:
@@ -252,7 +251,6 @@ def make_data(out_dir: str | os.PathLike, seed: int) -> None:
             print(f"wrote {path} ({len(rows)} rows)")
 
 
-# ---------------------------------------------------------------------------------------------
 # Tokenizer and model
 
 def vocabulary() -> list[str]:

@@ -35,25 +35,26 @@ processes (each holds a full copy of a model, one model at a time).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import re
-import typing
+import sys
 from pathlib import Path
 
 import torch
 
-from common import (UserError, all_gather_objects, atomic_write_text, barrier, cleanup_distributed, collate,
-                    encode_prompts, encode_responses, generate_responses, inference_dtype, load_function, load_model,
-                    load_rows, load_scorer, load_tokenizer, prompt_user_text, read_jsonl, response_seed,
-                    response_text, run_main, save_settings, sequence_logps, setting, setup_distributed, write_jsonl)
-
-GENERATION_KEYS = ("seed", "temperature", "top_p", "max_new_tokens")  # SFT generations must match these
+from brevity.config import UserError, run_main, setting
+from brevity.dist import all_gather_objects, barrier, cleanup_distributed, setup_distributed
+from brevity.files import atomic_write_text, load_rows, read_jsonl, save_settings, write_jsonl
+from brevity.generation import GenerationSettings, check_generation_settings, generate_responses, response_seed, sampling_key
+from brevity.logprobs import SequenceLogps, response_logps
+from brevity.models import inference_dtype, load_model, load_tokenizer, release_memory
+from brevity.scoring import load_function, load_scorer
+from brevity.tokens import encode_prompts, encode_responses, prompt_user_text, response_text
 
 
 @dataclasses.dataclass
-class Settings:
+class Settings(GenerationSettings):
     model: str = setting("runs/sft", "policy to evaluate: a local Hugging Face directory or a hub id")
     sft_model: str = setting("runs/sft", "the SFT (starting) model: the KL reference and the win-rate opponent")
     prompts: str = setting("data/embedded/eval.jsonl", "held-out rows with `prompt` and `chosen` (the reference "
@@ -65,11 +66,6 @@ class Settings:
     sft_generations: str = setting("", "JSONL of the SFT model's responses: reused when it exists, else written; "
                                        "empty: output_dir/sft_generations.jsonl, not reused")
     output_dir: str = setting("runs/eval", "gets eval.json, generations.json, details.jsonl, settings.json")
-    max_new_tokens: int = setting(256, "response tokens at most (256: the Hitchhiker's guide's generation length)")
-    temperature: float = setting(1.0, "sampling temperature (1: the KL is an unbiased estimate); 0 is greedy")
-    top_p: float = setting(1.0, "nucleus sampling")
-    seed: int = setting(0, "response i is sampled with noise seeded by (seed, i), for policy and SFT alike")
-    batch_size: int = setting(32, "sequences decoded together and per log-prob pass, on each process")
     gold_batch_size: int = setting(16, "gold reward model: sequences per forward pass")
     gold_max_length: int = setting(0, "gold reward model: a longer conversation loses tokens from the left; 0: no "
                                       "limit")
@@ -77,15 +73,14 @@ class Settings:
                                         "and {response}, \\n a newline; used instead of its chat template; empty: "
                                         "its chat template, else its pair encoding")
     generator: str = setting("", "the `generator` name in generations.json; empty: --model")
-    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto", "model dtype; auto: bfloat16 on GPU, float32 on CPU")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
+
+
+@dataclasses.dataclass
+class SummarySettings:
     summarize: str = setting("", "a run directory: print and save (summary.jsonl, summary.md) the table of its "
-                                 "iter*/eval/eval.json, and do nothing else")
+                                 "iter*/eval/eval.json")
 
-
-# ---------------------------------------------------------------------------------------------
-# Metrics: pure functions of per-prompt numbers.
 
 def win(a: float, b: float) -> float:
     return 1.0 if a > b else 0.5 if a == b else 0.0
@@ -152,33 +147,8 @@ def metrics(records: list[dict]) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Models: generation, log-probs, SFT generations on file.
-
-@torch.inference_mode()
-def response_logps(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                   batch_size: int) -> list[float]:
-    """log pi(response | prompt) summed over response tokens, per pair, in batches sorted by length."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
-    out = [0.0] * len(order)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        ids, mask, resp = collate([(prompt_ids[i], response_ids[i]) for i in batch], pad_id, device)
-        for i, value in zip(batch, sequence_logps(model, ids, mask, resp).tolist()):
-            out[i] = value
-    return out
-
-
 def same_model(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
-
-
-def free(model) -> None:
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def read_sft_generations(path: Path, rows: list[dict], s: Settings) -> list[dict]:
@@ -193,7 +163,7 @@ def read_sft_generations(path: Path, rows: list[dict], s: Settings) -> list[dict
     for i, (old, row) in enumerate(zip(saved, rows)):
         if old["prompt"] != row["prompt"]:
             raise UserError(f"{path}:{i + 1}: answers another prompt than {s.prompts} row {i + 1}")
-        changed = [f"{k} {old.get(k)} (now {getattr(s, k)})" for k in GENERATION_KEYS if old.get(k) != getattr(s, k)]
+        changed = [f"{k} {old.get(k)} (now {v})" for k, v in sampling_key(s).items() if old.get(k) != v]
         if not same_model(str(old.get("generator")), s.sft_model):
             changed.append(f"model {old.get('generator')} (now {s.sft_model})")
         if changed:
@@ -201,42 +171,48 @@ def read_sft_generations(path: Path, rows: list[dict], s: Settings) -> list[dict
     return saved
 
 
-def generate(model, tokenizer, prompt_ids, indices, s: Settings, desc: str | None) -> list[dict]:
-    return generate_responses(model, tokenizer, prompt_ids, [response_seed(s.seed, i, 0) for i in indices],
-                              s.max_new_tokens, s.temperature, s.top_p, s.batch_size, desc)
+def model_pass(name: str, s: Settings, d, tokenizer, prompt_ids: list[list[int]], indices: list[int],
+               generate: bool, response_ids: list[list[int]] | None = None) -> tuple[list[dict] | None, list[float]]:
+    """Load model `name`, sample one response per prompt if `generate` (response i seeded by (seed,
+    i)), and score `response_ids` (default: the responses just sampled) under it: (responses or None,
+    log pi(response | prompt) per prompt). The model is released before this returns, so one model
+    at a time is in memory."""
+    model = load_model(name, inference_dtype(s.dtype, d.device), s.trust_remote_code).to(d.device)
+    responses = None
+    if generate:
+        seeds = [response_seed(s.seed, i, 0) for i in indices]
+        responses = generate_responses(model, tokenizer, prompt_ids, seeds, s,
+                                       f"evaluate: {name}" if d.is_main else None)
+    if response_ids is None:
+        response_ids = [r["token_ids"] for r in responses]
+    logps = response_logps(SequenceLogps(model), list(zip(prompt_ids, response_ids)), s.batch_size,
+                           tokenizer.pad_token_id).tolist()
+    del model
+    release_memory()
+    return responses, logps
 
 
 def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_saved: list[dict] | None) -> list[dict]:
-    """Per-prompt records for the prompts in `indices`: responses, lengths, log-probs, gold scores."""
-    dtype = inference_dtype(s.dtype, d.device)
+    """Per-prompt records for the prompts in `indices`: responses, lengths, log-probs, gold scores.
+    The SFT model's responses come from `sft_saved` when given, else they are sampled here."""
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
     prompt_ids = encode_prompts(tokenizer, [rows[i]["prompt"] for i in indices])
-    chosen_texts = [response_text(rows[i]["chosen"]) for i in indices]
-    model = load_model(s.model, dtype, s.trust_remote_code).to(d.device)
-    show = "evaluate: policy" if d.is_main else None
-    policy = generate(model, tokenizer, prompt_ids, indices, s, show)
-    response_ids = [g["token_ids"] for g in policy]
-    logps = response_logps(model, prompt_ids, response_ids, tokenizer.pad_token_id, s.batch_size)
-    sft = None
+    policy, logps = model_pass(s.model, s, d, tokenizer, prompt_ids, indices, generate=True)
     if same_model(s.model, s.sft_model):
-        sft_logps = logps
-        sft = policy if sft_saved is None else None
+        sft, sft_logps = policy, logps
     else:
-        free(model)
-        sft_tokenizer = load_tokenizer(s.sft_model, s.trust_remote_code)
-        if sft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        if load_tokenizer(s.sft_model, s.trust_remote_code).get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{s.sft_model}: another vocabulary than {s.model}; the KL needs the same tokenizer")
-        model = load_model(s.sft_model, dtype, s.trust_remote_code).to(d.device)
-        sft_logps = response_logps(model, prompt_ids, response_ids, tokenizer.pad_token_id, s.batch_size)
-        if sft_saved is None:
-            sft = generate(model, tokenizer, prompt_ids, indices, s, "evaluate: SFT" if d.is_main else None)
-    free(model)
-    if sft is None:
+        sft, sft_logps = model_pass(s.sft_model, s, d, tokenizer, prompt_ids, indices, generate=sft_saved is None,
+                                    response_ids=[r["token_ids"] for r in policy])
+    if sft_saved is not None:
         sft = [{"text": sft_saved[i]["output"], "num_tokens": sft_saved[i]["num_tokens"],
                 "finish_reason": sft_saved[i]["finish_reason"]} for i in indices]
-    scorer = load_scorer(s.gold_fn, s.gold_model, d.device, dtype, s.gold_batch_size, s.gold_max_length,
-                         s.gold_text_format, s.trust_remote_code, flag="gold")
+
+    scorer = load_scorer(s.gold_fn, s.gold_model, d.device, inference_dtype(s.dtype, d.device), s.gold_batch_size,
+                         s.gold_max_length, s.gold_text_format, s.trust_remote_code, flag="gold")
     prompts = [rows[i]["prompt"] for i in indices]
+    chosen_texts = [response_text(rows[i]["chosen"]) for i in indices]
     gold = scorer(prompts * 3, [g["text"] for g in policy] + chosen_texts + [g["text"] for g in sft])
     n = len(indices)
     bad = next((j for j, v in enumerate(gold) if not math.isfinite(v)), None)
@@ -253,9 +229,6 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
              "sft_gold": gold[2 * n + k]} for k, i in enumerate(indices)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Summary over the iterations of a run.
-
 SUMMARY_COLUMNS = (("gold", "gold_score"), ("win/chosen", "win_rate_vs_chosen"), ("win/SFT", "win_rate_vs_sft"),
                    ("LC win/SFT", "lc_win_rate_vs_sft"), ("KL", "kl_vs_sft"), ("KL/token", "kl_per_token_vs_sft"),
                    ("length", "length"), ("no EOS", "share_without_eos"),
@@ -267,7 +240,7 @@ LABEL_KEYS = ("mean_length", "share_without_eos", "mean_length_gap", "share_chos
               "reward_length_correlation", "reward_length_correlation_within_prompt", "pairs_written")
 
 
-def summarize(run_dir: str) -> list[dict]:
+def summarize(s: SummarySettings) -> list[dict]:
     """Print a markdown table of run_dir/iter*/eval/eval.json and write summary.jsonl and summary.md there.
 
     Iteration k's row: the evaluation of iteration k's model (iteration 0: the starting model) and, as
@@ -275,6 +248,7 @@ def summarize(run_dir: str) -> list[dict]:
     policy): mean sampled length, share without EOS, chosen-minus-rejected length gap of the pairs and
     the reward-length correlation. These are the length signals that show a loop drifting to verbosity.
     """
+    run_dir = s.summarize
     found = {int(m.group(1)): p for p in Path(run_dir).glob("iter*/eval/eval.json")
              if (m := re.fullmatch(r"iter(\d+)", p.parent.parent.name))}
     if not found:
@@ -300,15 +274,12 @@ def summarize(run_dir: str) -> list[dict]:
 
 
 def main(s: Settings) -> dict | list | None:
-    """Evaluate; return the metrics (or the summary table with --summarize)."""
-    if s.summarize:
-        return summarize(s.summarize)
+    """Evaluate; return the metrics."""
     out = Path(s.output_dir)
     if (out / "eval.json").is_file():
         print(f"{out / 'eval.json'} exists; nothing to do (remove it to evaluate again)")
         return json.loads((out / "eval.json").read_text(encoding="utf-8"))
-    if s.max_new_tokens < 1 or s.batch_size < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
-        raise UserError("need --max_new_tokens >= 1, --batch_size >= 1, --temperature >= 0, 0 < --top_p <= 1")
+    check_generation_settings(s)
     if bool(s.gold_fn) == bool(s.gold_model):
         raise UserError("give exactly one of --gold_fn module:function and --gold_model DIR_OR_HUB_ID")
     if s.gold_fn:
@@ -333,10 +304,10 @@ def main(s: Settings) -> dict | list | None:
         if sft_saved is None:
             write_jsonl(sft_path, [{"prompt": r["prompt"], "output": r["sft_output"], "num_tokens": r["sft_num_tokens"],
                                     "finish_reason": r["sft_finish_reason"], "generator": s.sft_model,
-                                    **{k: getattr(s, k) for k in GENERATION_KEYS}} for r in records])
+                                    **sampling_key(s)} for r in records])
         save_settings(out, s)
         result = {"model": s.model, "sft_model": s.sft_model, "eval_prompts": s.prompts,
-                  "gold": s.gold_fn or s.gold_model, **{k: getattr(s, k) for k in GENERATION_KEYS}, **result}
+                  "gold": s.gold_fn or s.gold_model, **sampling_key(s), **result}
         atomic_write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")  # last: marks the stage done
         print(f"wrote {out / 'eval.json'}: gold {result['gold_score']:.3f}, win vs SFT {result['win_rate_vs_sft']:.3f} "
               f"(LC {result['lc_win_rate_vs_sft']:.3f}), KL {result['kl_vs_sft']:.2f}, length {result['length']:.1f}")
@@ -346,4 +317,7 @@ def main(s: Settings) -> dict | list | None:
 
 
 if __name__ == "__main__":
-    run_main(main, (Settings,))
+    if "--summarize" in sys.argv[1:]:
+        run_main(summarize, (SummarySettings,))
+    else:
+        run_main(main, (Settings,))

@@ -19,7 +19,7 @@ beside the samples):
 The reward is a Python function (--reward_fn module:function, called as fn(prompts, responses) ->
 list of floats, with the user prompt text and the response text) or a sequence-classification reward
 model (--reward_model, one label) that reads the conversation through its own tokenizer and chat
-template (common.RewardModel). Under torchrun the prompts are split over processes.
+template (brevity.scoring.RewardModel). Under torchrun the prompts are split over processes.
 
 Which responses may form a pair: finished ones (EOS emitted; --keep_unfinished to allow cut ones)
 with non-empty text (dpo.py rejects empty strings). A prompt is dropped when fewer than two remain,
@@ -34,8 +34,11 @@ import math
 import typing
 from pathlib import Path
 
-from common import (UserError, all_gather_objects, atomic_write_text, barrier, cleanup_distributed, inference_dtype,
-                    load_scorer, read_jsonl, run_main, save_settings, setting, setup_distributed, write_jsonl)
+from brevity.config import UserError, run_main, setting
+from brevity.dist import all_gather_objects, barrier, cleanup_distributed, setup_distributed
+from brevity.files import atomic_write_text, read_jsonl, save_settings, write_jsonl
+from brevity.models import inference_dtype
+from brevity.scoring import load_scorer
 
 
 @dataclasses.dataclass

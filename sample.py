@@ -5,7 +5,7 @@
 
 The stage: read prompts -> tokenize (the chat template with its generation prompt) -> decode with
 the transformers model in batches of similar prompt lengths, left-padded, a row leaving its batch
-when it emits EOS (common.decode; every process holds a full copy of the model, never FSDP) ->
+when it emits EOS (brevity.generation.decode; every process holds a full copy of the model, never FSDP) ->
 write samples.jsonl, one row per prompt in input order:
 
     {"prompt": <as given>, <the row's other fields>, "responses": [{"text", "num_tokens", "finish_reason"}, ...]}
@@ -14,7 +14,7 @@ write samples.jsonl, one row per prompt in input order:
 emitted; `finish_reason` is "eos", or "length" when max_new_tokens ran out first.
 
 Determinism: response j to prompt i is sampled from its own noise stream, a hash of (seed, i, j)
-(common.SeededSampler), so it does not depend on the batch it was in, on --batch_size, on the
+(brevity.generation.SeededSampler), so it does not depend on the batch it was in, on --batch_size, on the
 number of processes, or on an interruption and resume; the same run twice gives the same file. The
 one caveat is floating point: a different batch shape can change logits in the last bits, which
 can flip a token only where two choices tie to that precision (never seen on the tiny test models).
@@ -32,49 +32,42 @@ import shutil
 import typing
 from pathlib import Path
 
-from common import (TEXT_OR_CHAT, UserError, all_gather_objects, atomic_write_text, barrier, check_model_dir,
-                    cleanup_distributed, encode_prompts, generate_responses, inference_dtype, load_model, load_rows,
-                    load_tokenizer, read_jsonl, response_seed, run_main, save_settings, setting, setup_distributed,
-                    write_jsonl)
+from brevity.config import UserError, run_main, setting
+from brevity.dist import all_gather_objects, barrier, cleanup_distributed, setup_distributed
+from brevity.files import TEXT_OR_CHAT, atomic_write_text, load_rows, read_jsonl, save_settings, write_jsonl
+from brevity.generation import (GenerationSettings, check_generation_settings, generate_responses, response_seed,
+                                sampling_key)
+from brevity.models import check_model_dir, inference_dtype, load_model, load_tokenizer
+from brevity.tokens import encode_prompts
 
 RESPONSE_FIELDS = ("text", "num_tokens", "finish_reason")
 
 
 @dataclasses.dataclass
-class Settings:
+class Settings(GenerationSettings):
     model: str = setting("runs/sft", "policy: a local Hugging Face directory or a hub id")
     prompts: str = setting("data/embedded/prompts.jsonl", "rows with `prompt` (a string or chat messages): JSONL, a "
                                                           "saved dataset or a hub id; other fields are carried along")
     output: str = setting("runs/samples.jsonl", "samples JSONL to write (atomically); skipped if already complete")
     n: int = dataclasses.field(default=4, metadata={  # torchrun takes `--n` for an abbreviation of its own flags
         "help": "responses per prompt (under torchrun, spell it --num_responses)", "aliases": ["--num_responses"]})
-    temperature: float = setting(1.0, "sampling temperature; 0 is greedy")
-    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
-    max_new_tokens: int = setting(256, "response tokens at most; a response cut here gets finish_reason 'length'")
     max_prompt_length: int = setting(0, "a longer prompt loses tokens from the left; 0: no limit")
-    batch_size: int = setting(32, "sequences (prompt x sample) decoded together on each process")
-    seed: int = setting(0, "response j to prompt i is sampled with noise seeded by (seed, i, j)")
     save_every: int = setting(256, "prompts per progress file in OUTPUT.parts/ (resume point); 0: only at the end")
-    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto", "model dtype; auto: bfloat16 on GPU, float32 on CPU")
     engine: typing.Literal["hf", "vllm"] = setting(
-        "hf", "hf: the transformers model, decoded by common.decode; vllm: vLLM, if installed")
+        "hf", "hf: the transformers model, decoded by brevity.generation.decode; vllm: vLLM, if installed")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
 
 
 def check_settings(s: Settings) -> None:
-    if s.n < 1 or s.batch_size < 1 or s.max_new_tokens < 1 or s.save_every < 0 or s.max_prompt_length < 0:
-        raise UserError("--n, --batch_size and --max_new_tokens must be >= 1; --save_every and "
-                        "--max_prompt_length >= 0")
-    if s.temperature < 0 or not 0 < s.top_p <= 1:
-        raise UserError(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {s.temperature}, {s.top_p})")
+    check_generation_settings(s)
+    if s.n < 1 or s.save_every < 0 or s.max_prompt_length < 0:
+        raise UserError("--n must be >= 1; --save_every and --max_prompt_length >= 0")
 
 
 def run_key(s: Settings) -> str:
     """What a saved part must have been made with to be reused (not batch size or engine layout)."""
-    keep = ("model", "prompts", "n", "temperature", "top_p", "max_new_tokens", "max_prompt_length", "seed", "dtype",
-            "engine")
-    return json.dumps({k: getattr(s, k) for k in keep}, sort_keys=True)
+    keep = ("model", "prompts", "n", "max_prompt_length", "engine")
+    return json.dumps({**{k: getattr(s, k) for k in keep}, **sampling_key(s)}, sort_keys=True)
 
 
 def parts_dir(output: str) -> Path:
@@ -116,9 +109,8 @@ def sample_hf(s: Settings, d, prompts: list, indices: list[int], on_part) -> Non
         part = indices[start:start + step]
         jobs = [(i, j) for i in part for j in range(s.n)]
         out = generate_responses(model, tokenizer, [ids[i] for i, _ in jobs],
-                                 [response_seed(s.seed, i, j) for i, j in jobs], s.max_new_tokens, s.temperature,
-                                 s.top_p, s.batch_size, desc=f"sample {start + len(part)}/{len(indices)}" if d.is_main
-                                 else None)
+                                 [response_seed(s.seed, i, j) for i, j in jobs], s,
+                                 desc=f"sample {start + len(part)}/{len(indices)}" if d.is_main else None)
         results = {i: [] for i in part}
         for (i, _), response in zip(jobs, out):
             results[i].append({k: response[k] for k in RESPONSE_FIELDS})

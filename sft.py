@@ -12,18 +12,16 @@ Data: rows with `prompt` and `response` (strings; the prompt may be a list of ch
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
-from pathlib import Path
 
 import torch
 
-from common import (DTYPES, TEXT_OR_CHAT, MetricsLog, TrainSettings, UserError, all_reduce_sum, atomic_write_text,
-                    check_model_dir, cleanup_distributed, clip_grad_norm, collate, count_steps, encode_prompts,
-                    encode_responses, field_problem, fit_to_length, global_batches, load_checkpoint, load_model,
-                    load_rows, load_tokenizer, lr_at, micro_batches, note_changed_settings, peak_memory_gib, progress,
-                    require_input, run_main, save_checkpoint, save_final_model, save_settings, set_gradient_sync,
-                    setting, start_training, stop_if_not_finite, wrap_policy)
+from brevity.batches import micro_batches
+from brevity.config import UserError, run_main, setting
+from brevity.files import TEXT_OR_CHAT, field_problem, load_rows, require_input
+from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
+from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer
+from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length
+from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
 from losses import sft_loss
 
 DEFAULT_MODEL, DEFAULT_DATA = "data/embedded/init_model", "data/embedded/sft.jsonl"
@@ -87,16 +85,16 @@ def describe(stats: dict, s: Settings) -> str:
                f"{stats['dropped_too_long']} examples dropped (the response would pass max_length {s.max_length})"))
 
 
-def accumulate_gradients(policy, examples: list[tuple], batch: list[int], s: Settings, pad_id: int, d) -> torch.Tensor:
-    """Forward and backward over this process's micro-batches of the global `batch`; return
-    [sum of response-token NLLs, response tokens] over its examples.
+def accumulate_gradients(policy, examples: list[tuple], batch: list[int], s: Settings, pad_id: int, d) -> dict:
+    """Forward and backward over this process's micro-batches of the global `batch`; return this
+    process's sums {"nll": response-token NLLs, "response_tokens": response tokens}.
 
     The objective is the global batch's mean NLL per response token: each micro-batch's
     `sft_loss` (its own per-token mean) is weighted by its share of the batch's tokens, so the
     gradient is the same for any split into processes and micro-steps (FSDP averages over processes,
     hence the factor world_size)."""
     batch_tokens = sum(len(examples[i][1]) for i in batch)
-    sums = torch.zeros(2)
+    sums = {"nll": 0.0, "response_tokens": 0.0}
     micro = micro_batches(batch, d.world_size, d.rank, s.grad_accum)
     for step, ids in enumerate(micro):
         set_gradient_sync(policy, step == len(micro) - 1)
@@ -104,7 +102,8 @@ def accumulate_gradients(policy, examples: list[tuple], batch: list[int], s: Set
         lengths = torch.tensor([len(examples[i][1]) for i in ids], device=d.device)
         loss = sft_loss(policy_logps=logps, lengths=lengths) * (lengths.sum() / batch_tokens) * d.world_size
         loss.backward()
-        sums += torch.stack([-logps.detach().sum(), lengths.sum().float()]).cpu()
+        sums["nll"] = sums["nll"] - logps.detach().sum()
+        sums["response_tokens"] = sums["response_tokens"] + lengths.sum()
     return sums
 
 
@@ -113,67 +112,32 @@ def main(s: Settings) -> torch.nn.Module | None:
     require_input(s.model, DEFAULT_MODEL, MAKE_DEFAULTS)
     require_input(s.data, DEFAULT_DATA, MAKE_DEFAULTS)
     check_model_dir(s.model)  # before anything is written
-    out = Path(s.output_dir)
-    if (started := start_training(s)) is None:
+    if (run := start_training(s, "sft", unit="examples")) is None:
         return None
-    d, checkpoint = started
+    d = run.d
 
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
     examples, stats = encode_examples(load_rows(s.data), tokenizer, s)
-    if d.is_main:
-        print(describe(stats, s))
-    per_epoch, total_steps = count_steps(len(examples), s)  # after the data line, which says what was dropped
-    if d.is_main:
-        if checkpoint:
-            note_changed_settings(out, dataclasses.asdict(s), d)
-        atomic_write_text(out / "data_stats.json", json.dumps(stats, indent=1) + "\n")
-        save_settings(out, s)
-        print(f"sft: {total_steps} steps of {s.batch_size} examples ({per_epoch} per epoch) on {d.world_size} "
-              "process(es)")
+    run.plan(len(examples), stats, describe(stats, s), s)
 
     policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
                          s.activation_checkpointing)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    start = load_checkpoint(checkpoint, policy, optimizer, d)["step"] if checkpoint else 0
-    if checkpoint and d.is_main:
-        print(f"resuming from {checkpoint} (step {start} of {total_steps})")
-    metrics = MetricsLog(out / "metrics.jsonl", d, resume_step=start)
-    lengths = [len(p) + len(r) for p, r in examples]
-    bar = progress(global_batches(lengths, s, start, total_steps), d, total_steps, start, "sft")
-    row, train_start = {}, time.time()
-    for step, batch in bar:
-        began = time.time()
-        lr = lr_at(step, s, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    run.resume(policy, optimizer)
+    for step, batch in run.steps([len(p) + len(r) for p, r in examples]):
+        lr = set_lr(optimizer, run.lr(step))
         sums = accumulate_gradients(policy, examples, batch, s, tokenizer.pad_token_id, d)
         grad_norm = clip_grad_norm(policy, s.max_grad_norm)
-        nll, tokens = all_reduce_sum(d, sums.to(d.device)).tolist()
-        stop_if_not_finite("sft.py", step + 1, {"loss": nll / tokens, "gradient norm": grad_norm}, out)
+        totals = all_reduce_sums(d, sums)
+        loss = totals["nll"] / totals["response_tokens"]
+        run.check_finite(step, {"loss": loss, "gradient norm": grad_norm})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        now = time.time()
-        row = {"step": step + 1, "epoch": (step + 1) / per_epoch, "lr": lr, "loss": nll / tokens,
-               "grad_norm": grad_norm, "response_tokens": int(tokens),
-               "tokens": sum(len(examples[i][0]) + len(examples[i][1]) for i in batch),
-               "examples_per_s": len(batch) / (now - began), "time": now}
-        metrics.log(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if s.save_every and (step + 1) % s.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out, step + 1, policy, optimizer, d, {"total_steps": total_steps})
-    bar.close()
-    metrics.close()
-    train_seconds = time.time() - train_start
-    if d.is_main:
-        atomic_write_text(out / "summary.json", json.dumps({
-            "steps": total_steps, "steps_this_run": total_steps - start, "train_start": train_start,
-            "train_s": train_seconds, "examples_per_s": (total_steps - start) * s.batch_size / max(train_seconds, 1e-9),
-            "peak_memory_gib": peak_memory_gib(d), "processes": d.world_size, "last_step": row}, indent=1) + "\n")
-
-    save_final_model(policy, tokenizer, out, d)
-    if d.is_main:
-        print(f"saved {out}" + (f"; last step: loss {row['loss']:.4f}" if row else ""))
-    cleanup_distributed()
+        run.log_step(step, batch, {"lr": lr, "loss": loss, "grad_norm": grad_norm,
+                                   "response_tokens": int(totals["response_tokens"]),
+                                   "tokens": sum(len(examples[i][0]) + len(examples[i][1]) for i in batch)},
+                     policy, optimizer)
+    run.finish(policy, tokenizer)
     return policy.model
 
 

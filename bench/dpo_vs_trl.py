@@ -48,7 +48,7 @@ from typing import Literal
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import run_main  # noqa: E402
+from brevity.config import run_main  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 MARKER = ".bench_work_dir"  # the work dir is deleted on every run only if it holds this file
@@ -86,7 +86,6 @@ class BenchSettings:
     precompute: bool = False  # internal: TRL's precompute_ref_log_probs
 
 
-# ---------------------------------------------------------------------------------------------
 # Model, tokenizer and data
 
 def build_tokenizer(vocab_size: int):
@@ -140,7 +139,7 @@ def prepare(s: BenchSettings, work: Path) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from common import write_jsonl
+    from brevity.files import write_jsonl
 
     shape = SIZES[s.size]
     tokenizer = build_tokenizer(shape["vocab_size"])
@@ -164,7 +163,6 @@ def prepare(s: BenchSettings, work: Path) -> dict:
                          for r in rows for k in ("chosen", "rejected")]}
 
 
-# ---------------------------------------------------------------------------------------------
 # Running one training in a child process, measuring its memory from outside
 
 def gpu_memory_mib(pids: set[int]) -> float:
@@ -251,7 +249,6 @@ def read_dpo_metrics(out: Path) -> dict:
             "train_start": summary["train_start"], "precompute_s": summary["ref_logps_s"]}
 
 
-# ---------------------------------------------------------------------------------------------
 # The TRL run, in its own process
 
 def run_trl(s: BenchSettings) -> None:
@@ -260,7 +257,7 @@ def run_trl(s: BenchSettings) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from common import read_jsonl
+    from brevity.files import read_jsonl
 
     torch.set_num_threads(s.threads)
     work = Path(s.work_dir)
@@ -313,7 +310,6 @@ def run_trl(s: BenchSettings) -> None:
     (out / "bench_record.json").write_text(json.dumps(record))
 
 
-# ---------------------------------------------------------------------------------------------
 # Summary
 
 def summarize(name: str, rec: dict, info: dict, s: BenchSettings, mem: dict) -> dict:

@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 os.environ["TQDM_DISABLE"] = "1"  # before tqdm is imported: it reads its environment then
 
-from common import read_jsonl, run_main, write_jsonl  # noqa: E402
+from brevity.config import run_main  # noqa: E402
+from brevity.files import read_jsonl, write_jsonl  # noqa: E402
 from dpo_vs_trl import SIZES, build_tokenizer, lognormal_lengths  # noqa: E402
 
 MARKER = ".bench_work_dir"  # the work dir is deleted on every run only if it holds this file
@@ -73,7 +74,6 @@ class BenchSettings:
     policy_prompts: str = ""  # with --policy: its prompts (JSONL with `prompt`, a string or chat messages)
 
 
-# ---------------------------------------------------------------------------------------------
 # Models and inputs
 
 def words(rng, vocab_size: int, k: int) -> str:
@@ -136,7 +136,7 @@ def prepare(s: BenchSettings, work: Path) -> dict:
         lengths = lognormal_lengths(rng, len(sft_prompts), 48, 0.8, 1, s.max_new_tokens - 1)
         write_jsonl(work / "sft.jsonl", [{"prompt": p, "response": words(rng, shape["vocab_size"], k)}
                                          for p, k in zip(sft_prompts, lengths)])
-        # Its own process: training sets the allocator for itself (common.start_training), and that
+        # Its own process: training sets the allocator for itself (brevity.training.start_training), and that
         # must not change the sampling runs that follow here.
         subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(work / "policy"), "--data",
                         str(work / "sft.jsonl"), "--output_dir", str(work / "policy_sft"), "--max_steps",
@@ -148,7 +148,6 @@ def prepare(s: BenchSettings, work: Path) -> dict:
             "response_words": sorted(len(r["text"].split()) for row in samples for r in row["responses"])}
 
 
-# ---------------------------------------------------------------------------------------------
 # The plain loops
 
 def plain_sample(model_dir: Path, prompts_path: Path, s: BenchSettings, device, dtype) -> int:
@@ -196,7 +195,6 @@ def plain_score(model_dir: Path, samples_path: Path, s: BenchSettings, device, d
     return scores
 
 
-# ---------------------------------------------------------------------------------------------
 # Ours: the stages themselves
 
 def our_sample(model_dir: Path, prompts_path: Path, out: Path, s: BenchSettings) -> int:

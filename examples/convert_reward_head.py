@@ -29,7 +29,7 @@ The source config's model_type picks the layout (LAYOUTS); one transformers know
   written is the tokenizer's pad token (<|padding|>), never the EOS.
 
 Either way the keys are renamed (--prefix_map) into a config transformers reads as that class with one
-label and a pad id, so label.py and evaluate.py (common.RewardModel) read the reward where the original
+label and a pad id, so label.py and evaluate.py (brevity.scoring.RewardModel) read the reward where the original
 code does: at the last real token.
 
 The stage: check everything that is cheap first (config, every key and shape against the target class
@@ -53,8 +53,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py sits one level up
-from common import UserError, clean_interrupted_save, load_tokenizer, run_main, save_settings, setting  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the brevity package sits one level up
+from brevity.config import UserError, run_main, setting  # noqa: E402
+from brevity.files import save_settings  # noqa: E402
+from brevity.models import clean_interrupted_save, load_tokenizer  # noqa: E402
 
 TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them makes a tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -99,7 +101,6 @@ class Settings:
                                  "without them, as Starling-RM-34B's may be: its base model 01-ai/Yi-34B-Chat)")
 
 
-# ---------------------------------------------------------------------------------------------
 # Pure helpers.
 
 def first_line(e: BaseException) -> str:
@@ -355,7 +356,6 @@ def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     fsync_file(path)
 
 
-# ---------------------------------------------------------------------------------------------
 
 def main(s: Settings) -> Path:
     if not s.checkpoint or not s.output_dir:

@@ -32,9 +32,9 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py sits one level up
-from common import (UserError, atomic_write_text, read_jsonl, run_main, save_settings, setting,  # noqa: E402
-                    write_jsonl)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the brevity package sits one level up
+from brevity.config import UserError, run_main, setting  # noqa: E402
+from brevity.files import atomic_write_text, read_jsonl, save_settings, write_jsonl  # noqa: E402
 
 PKU_FIELDS = {"prompt": str, "response_0": str, "response_1": str, "is_response_0_safe": bool,
               "is_response_1_safe": bool, "better_response_id": int, "safer_response_id": int}
@@ -55,7 +55,6 @@ class Settings:
     hh_split: str = setting("test", "hub only: the split")
 
 
-# ---------------------------------------------------------------------------------------------
 # Conversions: pure functions of the rows.
 
 def check_row(row: dict, fields: dict[str, type], where: str) -> None:
@@ -133,7 +132,6 @@ def hh_prompts(rows: list[dict], source: str = "HH-RLHF") -> tuple[list[dict], d
     return out, counts
 
 
-# ---------------------------------------------------------------------------------------------
 
 def load_table(source: str, split: str, revision: str = "", data_files: str = "") -> list[dict]:
     """Rows of a local .jsonl or .parquet file, or of a split of a hub dataset (via `datasets`)."""

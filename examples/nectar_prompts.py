@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from common import UserError, atomic_write_text, run_main, save_settings, setting, write_jsonl  # noqa: E402
+from brevity.config import UserError, run_main, setting  # noqa: E402
+from brevity.files import atomic_write_text, save_settings, write_jsonl  # noqa: E402
 from hitchhiker_data import check_row, hh_messages, load_table  # noqa: E402
 
 

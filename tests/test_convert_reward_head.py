@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
-import common  # noqa: E402
+from brevity import config, scoring  # noqa: E402
 import convert_reward_head  # noqa: E402
 from conftest import CHAT_TEMPLATE  # noqa: E402
 
@@ -88,7 +88,7 @@ def save_card_checkpoint(path: Path, model: CardRewardModel, tokenizer, fmt: str
 
 
 def convert(ckpt: Path, out: Path, *flags: str):
-    return common.run_main(convert_reward_head.main, (convert_reward_head.Settings,),
+    return config.run_main(convert_reward_head.main, (convert_reward_head.Settings,),
                            ["--checkpoint", str(ckpt), "--output_dir", str(out), *flags])
 
 
@@ -120,11 +120,11 @@ def test_converted_model_scores_as_the_card_reads_its_reward(tmp_path, card_mode
 
 
 def test_label_scorer_gives_the_card_rewards(tmp_path, card_model, tiny_tokenizer):
-    """label.py's path: common.load_scorer -> RewardModel, through the converted dir's own tokenizer and
+    """label.py's path: scoring.load_scorer -> RewardModel, through the converted dir's own tokenizer and
     chat template, batched and sorted, equals the card's reward of each conversation alone."""
     out = convert(save_card_checkpoint(tmp_path / "ckpt", card_model, tiny_tokenizer, "safetensors", 2),
                   tmp_path / "out")
-    scorer = common.load_scorer("", str(out), torch.device("cpu"), torch.float32, batch_size=2)
+    scorer = scoring.load_scorer("", str(out), torch.device("cpu"), torch.float32, batch_size=2)
     assert scorer.tokenizer.chat_template == CHAT_TEMPLATE
     expected = []
     for p, r in zip(PROMPTS, RESPONSES):
@@ -363,10 +363,10 @@ def test_converted_oasst_model_scores_as_gpt_neox_reward_model_with_last_pooling
 
 
 def test_evaluate_scorer_gives_the_oasst_rewards_in_the_recipes_text_format(tmp_path, oasst_model, pythia_tokenizer):
-    """evaluate.py's gold scorer (common.load_scorer -> RewardModel) with the recipes' --gold_text_format,
+    """evaluate.py's gold scorer (scoring.load_scorer -> RewardModel) with the recipes' --gold_text_format,
     batched and sorted, equals the source model's reward of each text alone."""
     out = convert(save_oasst_checkpoint(tmp_path / "ckpt", oasst_model, pythia_tokenizer), tmp_path / "out")
-    scorer = common.load_scorer("", str(out), torch.device("cpu"), torch.float32, batch_size=2,
+    scorer = scoring.load_scorer("", str(out), torch.device("cpu"), torch.float32, batch_size=2,
                                 text_format=OASST_FORMAT)
     expected = []
     for s in oasst_ids(pythia_tokenizer):

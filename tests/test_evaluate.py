@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common  # noqa: E402
+from brevity import config, files, tokens  # noqa: E402
 import evaluate  # noqa: E402
 
 WORDS = "list name give two three fruits colors apple pear plum red blue green and or".split()
@@ -111,20 +111,20 @@ def test_metrics_and_output_files_are_well_formed(models, eval_file, gold_module
                ("gold_score", "kl_vs_sft", "kl_per_token_vs_sft", "length", "length_sft", "length_chosen"))
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == result
 
-    rows = common.read_jsonl(eval_file)
+    rows = files.read_jsonl(eval_file)
     generations = json.loads((tmp_path / "eval" / "generations.json").read_text())
     assert [set(g) for g in generations] == [{"instruction", "output", "generator", "dataset"}] * 12
-    assert [g["instruction"] for g in generations] == [common.prompt_user_text(r["prompt"]) for r in rows]
+    assert [g["instruction"] for g in generations] == [tokens.prompt_user_text(r["prompt"]) for r in rows]
     assert generations[3]["instruction"] == "list two fruits" and generations[4]["dataset"] == "helpful"
     assert generations[0]["dataset"] == "eval" and generations[0]["generator"] == str(models["policy"])
 
-    details = common.read_jsonl(tmp_path / "eval" / "details.jsonl")
+    details = files.read_jsonl(tmp_path / "eval" / "details.jsonl")
     assert [d["output"] for d in details] == [g["output"] for g in generations]
     kl = sum(d["logp"] - d["sft_logp"] for d in details) / 12
     assert result["kl_vs_sft"] == pytest.approx(kl)
     wins = [1.0 if d["gold"] > d["sft_gold"] else 0.5 if d["gold"] == d["sft_gold"] else 0.0 for d in details]
     assert result["win_rate_vs_sft"] == pytest.approx(sum(wins) / 12)
-    sft = common.read_jsonl(tmp_path / "sft.jsonl")
+    sft = files.read_jsonl(tmp_path / "sft.jsonl")
     assert [r["output"] for r in sft] == [d["sft_output"] for d in details]
     assert sft[0]["seed"] == 0 and sft[0]["max_new_tokens"] == 10
 
@@ -138,9 +138,9 @@ def test_saved_sft_generations_are_reused(models, eval_file, gold_module, tmp_pa
     second = run_eval(models, eval_file, gold_module, tmp_path / "b", sft_generations=str(sft_file))
     assert len(calls) == 1  # the policy only
     assert second == {**first, "model": second["model"]}
-    with pytest.raises(common.UserError, match="max_new_tokens 10 \\(now 12\\)"):
+    with pytest.raises(config.UserError, match="max_new_tokens 10 \\(now 12\\)"):
         run_eval(models, eval_file, gold_module, tmp_path / "c", sft_generations=str(sft_file), max_new_tokens=12)
-    with pytest.raises(common.UserError, match="model .*sft \\(now .*policy\\)"):
+    with pytest.raises(config.UserError, match="model .*sft \\(now .*policy\\)"):
         evaluate.main(evaluate.Settings(model=str(models["policy"]), sft_model=str(models["policy"]),
                                         prompts=str(eval_file), gold_fn=gold_module, output_dir=str(tmp_path / "d"),
                                         sft_generations=str(sft_file), max_new_tokens=10))
@@ -183,20 +183,20 @@ def test_summarize_tabulates_the_iterations(tmp_path, capsys):
         (folder / "eval.json").write_text(json.dumps({"gold_score": gold, "length": 7.0}))
     (tmp_path / "iter1" / "label_stats.json").write_text(json.dumps(
         {"mean_length": 9.5, "share_without_eos": 0.25, "mean_length_gap": 2.0, "reward_length_correlation": 0.5}))
-    table = evaluate.main(evaluate.Settings(summarize=str(tmp_path)))
+    table = evaluate.summarize(evaluate.SummarySettings(summarize=str(tmp_path)))
     assert [row["iteration"] for row in table] == [0, 1, 10] and table[2]["gold_score"] == 0.6
     assert table[1]["sampled/mean_length_gap"] == 2.0 and "sampled/mean_length" not in table[0]
     printed = capsys.readouterr().out
     assert "| 10 | 0.600 |" in printed and (tmp_path / "summary.md").read_text() == printed
     assert "| 1 | 0.500 | - | - | - | - | - | 7.000 | - | 9.500 | 0.250 | 2.000 | 0.500 |" in printed
-    assert common.read_jsonl(tmp_path / "summary.jsonl") == json.loads(json.dumps(table))
+    assert files.read_jsonl(tmp_path / "summary.jsonl") == json.loads(json.dumps(table))
 
 
 def test_missing_chosen_is_a_one_line_error(models, gold_module, tmp_path, capsys):
     bad = tmp_path / "eval.jsonl"
     bad.write_text('{"prompt": "list two fruits"}\n', encoding="utf-8")
     with pytest.raises(SystemExit):
-        common.run_main(evaluate.main, (evaluate.Settings,), argv=[
+        config.run_main(evaluate.main, (evaluate.Settings,), argv=[
             "--model", str(models["sft"]), "--prompts", str(bad), "--gold_fn", gold_module,
             "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -23,7 +23,8 @@ import torch
 from conftest import ROOT, pref_rows, sentence
 from safetensors.torch import load_file
 
-import common
+from brevity import checkpoints, dist, files, fsdp, models
+from brevity.config import UserError, run_main
 import dpo
 import evaluate
 import label
@@ -331,13 +332,13 @@ def test_bad_input_is_one_line_naming_file_and_line_or_a_counted_skip(name, good
         bad = case.flags[case.flag].format(scorers=good["scorers"])
     module, classes = STAGES[case.stage]
     if case.counted:
-        common.run_main(module.main, classes, argv_for(case, good, out, bad))
+        run_main(module.main, classes, argv_for(case, good, out, bad))
         case.counted(out, capsys.readouterr().out)
         return
     earlier_output(case.stage, out)
     before = snapshot(out)
     with pytest.raises(SystemExit) as exit_:
-        common.run_main(module.main, classes, argv_for(case, good, out, bad))
+        run_main(module.main, classes, argv_for(case, good, out, bad))
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -367,7 +368,7 @@ def train_flags(model, data, out, *extra) -> list[str]:
 
 def one_line_error(capsys, module, classes, argv) -> str:
     with pytest.raises(SystemExit) as exit_:
-        common.run_main(module.main, classes, argv)
+        run_main(module.main, classes, argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1, err
     return err
@@ -376,7 +377,7 @@ def one_line_error(capsys, module, classes, argv) -> str:
 def test_a_nan_loss_stops_dpo_before_the_update_and_its_checkpoint_resumes_as_if_nothing_happened(
         tiny_model_dir, tiny_prefs_jsonl, tmp_path, monkeypatch, capsys):
     never = train_flags(tiny_model_dir, tiny_prefs_jsonl, tmp_path / "never", "--loss", "dpo")
-    common.run_main(dpo.main, dpo.settings_classes, never)
+    run_main(dpo.main, dpo.settings_classes, never)
     real, calls = losses.LOSSES["dpo"], []
 
     @functools.wraps(real.fn)  # the same signature: the same hyperparameter flags
@@ -395,7 +396,7 @@ def test_a_nan_loss_stops_dpo_before_the_update_and_its_checkpoint_resumes_as_if
     assert not (out / "model.safetensors").exists()
 
     monkeypatch.setitem(losses.LOSSES, "dpo", real)
-    common.run_main(dpo.main, dpo.settings_classes, flags)
+    run_main(dpo.main, dpo.settings_classes, flags)
     assert "(step 4 of 6)" in capsys.readouterr().out
     a, b = load_file(tmp_path / "never" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -416,9 +417,9 @@ def test_an_infinite_loss_stops_sft_and_keeps_its_last_checkpoint_loadable(tiny_
     assert err.startswith("error: sft.py: step 3: loss is inf; stopping. The last good checkpoint (step 2) is in")
     checkpoint = out / "checkpoint-00000002"
     assert [p.name for p in out.glob("*checkpoint-*")] == [checkpoint.name] and not (out / "config.json").exists()
-    policy = common.wrap_policy(common.load_model(str(tiny_model_dir)), common.Dist())
+    policy = fsdp.wrap_policy(models.load_model(str(tiny_model_dir)), dist.Dist())
     optimizer = torch.optim.AdamW(policy.parameters())
-    assert common.load_checkpoint(checkpoint, policy, optimizer, common.Dist())["step"] == 2
+    assert checkpoints.load_checkpoint(checkpoint, policy, optimizer, dist.Dist())["step"] == 2
     assert all(torch.isfinite(p).all() for p in policy.parameters())
 
 
@@ -457,7 +458,7 @@ def test_a_kill_inside_a_write_leaves_the_old_file_or_the_new_one_never_a_part(k
             else:
                 real_replace = os.replace
                 os.replace = lambda *args: (real_replace(*args), die())
-            common.atomic_write_text(path, texts["new"])
+            files.atomic_write_text(path, texts["new"])
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
@@ -474,7 +475,7 @@ def test_a_model_save_killed_between_its_two_renames_is_undone_by_the_next_start
     (out / "metrics.jsonl").write_text("{}\n")
     os.replace(out, tmp_path / ".model.old")  # the kill's state: old copy aside, new copy half-way
     (tmp_path / ".model.abc123.tmp").mkdir()
-    common.clean_interrupted_save(out)
+    models.clean_interrupted_save(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-00000004", "metrics.jsonl"]
 
@@ -493,10 +494,11 @@ TEMP_THEN_RENAME = {  # the functions that may write a file, and why each is ato
 
 
 def test_every_write_of_a_stage_goes_to_a_temporary_name_first():
-    """Scan the stages and common.py for calls that write files; each must sit in a function of
-    TEMP_THEN_RENAME (and each of those must still write). A new direct write fails here with its place."""
+    """Scan the stages and the brevity package for calls that write files; each must sit in a function
+    of TEMP_THEN_RENAME (and each of those must still write). A new direct write fails here with its place."""
     found, writers = [], set()
-    for script in ("common.py", "sft.py", "dpo.py", "sample.py", "label.py", "evaluate.py", "embedded.py"):
+    package = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "brevity").glob("*.py"))]
+    for script in (*package, "sft.py", "dpo.py", "sample.py", "label.py", "evaluate.py", "embedded.py"):
         tree = ast.parse((ROOT / script).read_text(encoding="utf-8"))
         for owner in ast.walk(tree):
             for fn in (n for n in ast.iter_child_nodes(owner) if isinstance(n, ast.FunctionDef)):
@@ -522,9 +524,9 @@ def repository_python_files() -> list[Path]:
 
 def test_weights_are_loaded_only_from_safetensors(good, tmp_path):
     model_with_only_pytorch_bin(good, tmp_path / "m")
-    with pytest.raises(common.UserError, match="only safetensors are loaded"):
-        common.load_model(str(tmp_path / "m"))
-    for script in ("common.py", "sample.py"):  # transformers and vLLM are told so as well
+    with pytest.raises(UserError, match="only safetensors are loaded"):
+        models.load_model(str(tmp_path / "m"))
+    for script in ("brevity/models.py", "sample.py"):  # transformers and vLLM are told so as well
         source = (ROOT / script).read_text(encoding="utf-8")
         assert source.count("use_safetensors=True") + source.count('load_format="safetensors"') >= 1
 

@@ -20,13 +20,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
-import common  # noqa: E402
 import convert_reward_head  # noqa: E402
 import dpo  # noqa: E402
 import evaluate  # noqa: E402
 import hitchhiker_data  # noqa: E402
 import sft  # noqa: E402
-from common import UserError, parse_settings  # noqa: E402
+from brevity import files  # noqa: E402
+from brevity.config import UserError, parse_settings  # noqa: E402
 
 CONFIGS = {stage: ROOT / "configs" / f"hitchhiker_{stage}.yaml" for stage in ("sft", "dpo", "eval")}
 POLICY = "microsoft/Phi-3-medium-4k-instruct"
@@ -202,7 +202,7 @@ def converted(tmp_path_factory) -> Path:
     """The CLI, run as a user runs it, on local JSONL copies of the two sources."""
     folder = tmp_path_factory.mktemp("hitchhiker")
     for name, rows in (("pku.jsonl", PKU_ROWS), ("hh.jsonl", HH_ROWS)):
-        common.write_jsonl(folder / name, rows)
+        files.write_jsonl(folder / name, rows)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "hitchhiker_data.py"), "--pku",
                            str(folder / "pku.jsonl"), "--hh", str(folder / "hh.jsonl"), "--out_dir",
@@ -215,11 +215,11 @@ def converted(tmp_path_factory) -> Path:
 def test_cli_writes_the_three_files_and_the_counts(converted):
     assert {p.name for p in converted.iterdir()} == {"pairs.jsonl", "sft.jsonl", "hh_test.jsonl", "data_stats.json",
                                                      "settings.json"}
-    pairs = common.read_jsonl(converted / "pairs.jsonl", dpo.PAIR_FIELDS)
+    pairs = files.read_jsonl(converted / "pairs.jsonl", dpo.PAIR_FIELDS)
     assert pairs == hitchhiker_data.pku_pairs(PKU_ROWS)[0]
-    sft_rows = common.read_jsonl(converted / "sft.jsonl")
+    sft_rows = files.read_jsonl(converted / "sft.jsonl")
     assert [sft.prompt_and_response(r, "sft.jsonl") for r in sft_rows] == [(p["prompt"], p["chosen"]) for p in pairs]
-    hh = common.load_rows(str(converted / "hh_test.jsonl"), {"prompt": (str, list), "chosen": (str, list)})
+    hh = files.load_rows(str(converted / "hh_test.jsonl"), {"prompt": (str, list), "chosen": (str, list)})
     assert hh == hitchhiker_data.hh_prompts(HH_ROWS)[0]
     stats = json.loads((converted / "data_stats.json").read_text())
     assert stats["pku"]["dropped_both_safe"] == 1 and stats["hh"]["dropped_malformed"] == 3

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common  # noqa: E402
+from brevity import config, files, scoring  # noqa: E402
 import label  # noqa: E402
 
 RM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q {{ m['content'] }}{% else %} "
@@ -101,7 +101,7 @@ def run_label(tmp_path, rows=SAMPLES, **overrides) -> dict:
 def test_reward_model_batched_scores_equal_one_by_one_at_the_last_real_token(rm_dir):
     """Scores from padded batches of 4 equal scores of single sequences, and both equal the score head
     applied by hand to the last position of the unpadded conversation (whose last token is the pad id)."""
-    rm = common.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32, batch_size=4)
+    rm = scoring.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32, batch_size=4)
     prompts = [s["prompt"] for s in SAMPLES for _ in s["responses"]] * 2
     responses = [r["text"] for s in SAMPLES for r in s["responses"]] * 2
     batched = rm(prompts, responses)
@@ -119,7 +119,7 @@ def test_reward_model_batched_scores_equal_one_by_one_at_the_last_real_token(rm_
 
 
 def test_reward_model_reads_the_conversation_in_its_own_template(rm_dir):
-    rm = common.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32)
+    rm = scoring.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32)
     ids = rm.encode([{"role": "user", "content": "list two fruits"}], "apple and pear")
     assert rm.tokenizer.decode(ids) == "Q list two fruits A apple and pear <eos>"
 
@@ -128,27 +128,27 @@ def test_text_format_reads_backslash_n_as_a_newline(rm_dir):
     """A flag or a recipe line cannot hold a newline; Starling-RM-34B's format needs several."""
     prompt = [{"role": "user", "content": "list two fruits"}]
     cpu = torch.device("cpu")
-    escaped = common.RewardModel(str(rm_dir), cpu, torch.float32, text_format=r"Q\n{prompt}\nA\n{response}<eos>")
-    spaced = common.RewardModel(str(rm_dir), cpu, torch.float32, text_format="Q {prompt} A {response} <eos>")
+    escaped = scoring.RewardModel(str(rm_dir), cpu, torch.float32, text_format=r"Q\n{prompt}\nA\n{response}<eos>")
+    spaced = scoring.RewardModel(str(rm_dir), cpu, torch.float32, text_format="Q {prompt} A {response} <eos>")
     assert escaped.encode(prompt, "apple and pear") == spaced.encode(prompt, "apple and pear")
     assert rm_tokenizer().unk_token_id not in escaped.encode(prompt, "apple and pear")
 
 
 def test_label_with_a_reward_model_directory_writes_its_scores(rm_dir, tmp_path):
     stats = run_label(tmp_path, reward_model=str(rm_dir), batch_size=3)
-    rm = common.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32, batch_size=1)
-    rows = common.read_jsonl(tmp_path / "scores.jsonl")
+    rm = scoring.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32, batch_size=1)
+    rows = files.read_jsonl(tmp_path / "scores.jsonl")
     expected = rm([s["prompt"] for s in SAMPLES for _ in s["responses"]],
                   [r["text"] for s in SAMPLES for r in s["responses"]])
     assert [r["score"] for row in rows for r in row["responses"]] == pytest.approx(expected, abs=1e-5)
     assert stats["responses_scored"] == 8
-    for pair in common.read_jsonl(tmp_path / "pairs.jsonl"):
+    for pair in files.read_jsonl(tmp_path / "pairs.jsonl"):
         assert pair["chosen_score"] > pair["rejected_score"]
 
 
 def test_reward_function_by_module_path_pairs_best_with_worst(tmp_path, reward_module):
     stats = run_label(tmp_path, reward_fn=f"{reward_module}:length")
-    pairs = common.read_jsonl(tmp_path / "pairs.jsonl")
+    pairs = files.read_jsonl(tmp_path / "pairs.jsonl")
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("apple and pear", "apple"),
                                                             ("blue or green or red", "red")]
     assert pairs[0] | {"prompt": None} == {
@@ -167,12 +167,12 @@ def test_reward_function_gets_the_user_prompt_text(tmp_path, reward_module):
 
 def test_reward_function_from_a_file_path(tmp_path, reward_module):
     run_label(tmp_path, reward_fn=f"{tmp_path / 'toy_rewards.py'}:length")
-    assert len(common.read_jsonl(tmp_path / "pairs.jsonl")) == 2
+    assert len(files.read_jsonl(tmp_path / "pairs.jsonl")) == 2
 
 
 def test_ties_are_dropped_and_counted(tmp_path, reward_module):
     rows = SAMPLES + [{"prompt": "list two fruits", "responses": [response("pear"), response("pear")]}]
-    with pytest.raises(common.UserError, match="no pair survived"):
+    with pytest.raises(config.UserError, match="no pair survived"):
         run_label(tmp_path, rows, reward_fn=f"{reward_module}:constant")
     stats = json.loads((tmp_path / "label_stats.json").read_text())
     assert stats["dropped_ties"] == 3 and stats["pairs_written"] == 0 and not (tmp_path / "pairs.jsonl").exists()
@@ -184,14 +184,14 @@ def test_ties_are_dropped_and_counted(tmp_path, reward_module):
 def test_unfinished_and_empty_responses_are_dropped_by_default(tmp_path, reward_module):
     rows = [{"prompt": "give two colors", "responses": [response("red and blue and green", "length"),
                                                         response("blue"), response("")]}]
-    with pytest.raises(common.UserError, match="1 with fewer than two usable"):
+    with pytest.raises(config.UserError, match="1 with fewer than two usable"):
         run_label(tmp_path, rows, reward_fn=f"{reward_module}:length")
     stats = json.loads((tmp_path / "label_stats.json").read_text())
     assert stats["dropped_unfinished"] == 1 and stats["dropped_empty"] == 1
     assert stats["share_without_eos"] == pytest.approx(1 / 3)
     (tmp_path / "label_stats.json").unlink()
     run_label(tmp_path, rows, reward_fn=f"{reward_module}:length", keep_unfinished=True)
-    (pair,) = common.read_jsonl(tmp_path / "pairs.jsonl")
+    (pair,) = files.read_jsonl(tmp_path / "pairs.jsonl")
     assert (pair["chosen"], pair["rejected"]) == ("red and blue and green", "blue")
 
 
@@ -204,7 +204,7 @@ def test_pairs_file_is_what_dpo_reads(tmp_path, reward_module):
     from dpo import PAIR_FIELDS
 
     run_label(tmp_path, reward_fn=f"{reward_module}:length")
-    rows = common.load_rows(str(tmp_path / "pairs.jsonl"), PAIR_FIELDS)
+    rows = files.load_rows(str(tmp_path / "pairs.jsonl"), PAIR_FIELDS)
     assert all(isinstance(r["chosen"], str) and isinstance(r["rejected"], str) for r in rows)
 
 
@@ -215,7 +215,7 @@ def test_rerun_with_outputs_present_does_nothing(tmp_path, reward_module):
 
 def one_line_error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        common.run_main(label.main, (label.Settings,), argv=argv)
+        config.run_main(label.main, (label.Settings,), argv=argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")

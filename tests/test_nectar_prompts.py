@@ -15,9 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
-import common  # noqa: E402
 import nectar_prompts  # noqa: E402
-from common import UserError  # noqa: E402
+from brevity import config, files  # noqa: E402
+from brevity.config import UserError  # noqa: E402
 
 
 def nectar_row(prompt: str) -> dict:
@@ -66,12 +66,12 @@ def test_cli_on_a_local_file_writes_what_sample_reads(tmp_path):
            "--out_dir", str(out), "--max_turns", "0", "--num_prompts", "2", "--seed", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr
-    rows = common.load_rows(str(out / "prompts.jsonl"), {"prompt": common.TEXT_OR_CHAT})
+    rows = files.load_rows(str(out / "prompts.jsonl"), {"prompt": files.TEXT_OR_CHAT})
     assert len(rows) == 2 and [r["nectar_index"] for r in rows] == sorted(r["nectar_index"] for r in rows)
     stats = json.loads((out / "data_stats.json").read_text())
     assert (stats["prompts"], stats["written"]) == (3, 2)
     again = subprocess.run(cmd, capture_output=True, text=True)  # the same seed picks the same sample
-    assert again.returncode == 0 and common.read_jsonl(str(out / "prompts.jsonl")) == rows
+    assert again.returncode == 0 and files.read_jsonl(str(out / "prompts.jsonl")) == rows
 
 
 def test_the_recipe_reads_its_prompts_and_scores_with_the_starling_card_format():
@@ -96,7 +96,7 @@ def test_every_command_in_the_recipe_comments_parses_with_its_script():
     assert sorted(c[1] for c in commands) == sorted(["examples/nectar_prompts.py"] +
                                                     ["examples/convert_reward_head.py"] * 2)  # labeller and gold RM
     for argv in commands:
-        common.parse_settings((classes[argv[1]],), argv[2:])
+        config.parse_settings((classes[argv[1]],), argv[2:])
 
 
 def test_the_recipe_converts_its_reward_models_into_the_directories_it_names():
@@ -110,7 +110,7 @@ def test_the_recipe_converts_its_reward_models_into_the_directories_it_names():
     recipe = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
     downloads = {shlex.split(line.lstrip("# "))[2]: shlex.split(line)[-1] for line in lines
                  if line.startswith("#   huggingface-cli download")}
-    conversions = [common.parse_settings((convert_reward_head.Settings,), shlex.split(line.lstrip("# "))[2:])[0]
+    conversions = [config.parse_settings((convert_reward_head.Settings,), shlex.split(line.lstrip("# "))[2:])[0]
                    for line in lines if line.startswith("#   python examples/convert_reward_head.py")]
     assert {c.output_dir: c.checkpoint for c in conversions} == {
         recipe["REWARD"]: downloads["Nexusflow/Starling-RM-34B"],

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+from brevity import config, files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "run_iterative.sh"
@@ -63,7 +63,7 @@ def test_one_iteration_smoke_run_then_a_rerun_does_nothing(setup):
     assert [line.split(":")[0] for line in stage_lines(done.stdout)] == [
         "SFT", "iter 1", "iter 1", "iter 1", "evaluate iteration 0", "evaluate iteration 1"]
     run_dir = runs / "smoke"
-    table = common.read_jsonl(run_dir / "summary.jsonl")
+    table = files.read_jsonl(run_dir / "summary.jsonl")
     assert [row["iteration"] for row in table] == [0, 1]
     assert table[0]["kl_vs_sft"] == pytest.approx(0.0, abs=1e-4) and table[0]["win_rate_vs_sft"] == 0.5
     assert table[1]["sampled/pairs_written"] > 0 and table[1]["length"] > 0
@@ -108,7 +108,7 @@ def test_killed_in_iteration_2_the_rerun_finishes_without_redoing_iteration_1(se
     ours = load_file(run_dir / "iter2" / "model" / "model.safetensors")
     theirs = load_file(base / "uninterrupted" / "r" / "iter2" / "model" / "model.safetensors")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    assert len(common.read_jsonl(run_dir / "summary.jsonl")) == 3
+    assert len(files.read_jsonl(run_dir / "summary.jsonl")) == 3
 
 
 def parse_command(line: str) -> None:
@@ -122,9 +122,9 @@ def parse_command(line: str) -> None:
     script, args = argv[0], argv[1:]
     module = importlib.import_module(Path(script).stem)
     if script == "dpo.py":
-        common.parse_settings(module.settings_classes(args), args)
+        config.parse_settings(module.settings_classes(args), args)
     else:
-        common.parse_settings((module.Settings,), args)
+        config.parse_settings((module.Settings,), args)
 
 
 @pytest.mark.parametrize("recipe", [None, "configs/storm7b.env"])

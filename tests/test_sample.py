@@ -13,7 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common  # noqa: E402
+from brevity import config, files, generation, models  # noqa: E402
+from brevity.tokens import encode_prompts  # noqa: E402
 import sample  # noqa: E402
 
 WORDS = "list name give two three four fruits colors apple pear plum red blue green and or".split()
@@ -81,16 +82,16 @@ def run_sample(policy_dir, prompts_file, output, **overrides) -> list[dict]:
     overrides = {"max_new_tokens": 8, **overrides}
     s = sample.Settings(model=str(policy_dir), prompts=str(prompts_file), output=str(output), **overrides)
     sample.main(s)
-    return common.read_jsonl(output)
+    return files.read_jsonl(output)
 
 
 def one_by_one_greedy(policy_dir, prompts, max_new_tokens) -> list[list[int]]:
     """Plain transformers greedy generation, one unpadded prompt at a time, in dataset order."""
-    tokenizer = common.load_tokenizer(str(policy_dir))
-    model = common.load_model(str(policy_dir))
+    tokenizer = models.load_tokenizer(str(policy_dir))
+    model = models.load_model(str(policy_dir))
     out = []
     for p in prompts:
-        ids = torch.tensor([common.encode_prompt(tokenizer, p)])
+        ids = torch.tensor([encode_prompts(tokenizer, [p])[0]])
         new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=0)[0, ids.shape[1]:].tolist()
         out.append(new[:new.index(2) + 1] if 2 in new else new)
@@ -100,7 +101,7 @@ def one_by_one_greedy(policy_dir, prompts, max_new_tokens) -> list[list[int]]:
 def test_sorted_left_padded_batches_match_one_by_one_greedy(policy_dir, prompts_file, tmp_path):
     rows = run_sample(policy_dir, prompts_file, tmp_path / "s.jsonl", n=1, temperature=0.0, batch_size=4,
                       max_new_tokens=12)
-    tokenizer = common.load_tokenizer(str(policy_dir))
+    tokenizer = models.load_tokenizer(str(policy_dir))
     expected = one_by_one_greedy(policy_dir, [r["prompt"] for r in rows], 12)
     assert len({r["responses"][0]["text"] for r in rows}) > 1  # the test would be weak if all were equal
     for row, tokens in zip(rows, expected):
@@ -121,8 +122,8 @@ def test_response_cut_at_max_new_tokens_is_marked_length(policy_dir, prompts_fil
 
 
 def test_prompts_cut_to_max_prompt_length_are_counted(policy_dir, prompts_file, tmp_path, capsys):
-    tokenizer = common.load_tokenizer(str(policy_dir))
-    lengths = [len(x) for x in common.encode_prompts(tokenizer, [r["prompt"] for r in prompt_rows(10)])]
+    tokenizer = models.load_tokenizer(str(policy_dir))
+    lengths = [len(x) for x in encode_prompts(tokenizer, [r["prompt"] for r in prompt_rows(10)])]
     limit = sorted(lengths)[5]  # some prompts longer, some not
     run_sample(policy_dir, prompts_file, tmp_path / "s.jsonl", max_prompt_length=limit)
     expected = sum(n > limit for n in lengths)
@@ -191,13 +192,13 @@ def test_parts_of_a_run_with_other_settings_are_an_error(policy_dir, prompts_fil
     folder = sample.parts_dir(str(out))
     folder.mkdir()
     (folder / "run_key.json").write_text(sample.run_key(sample.Settings(seed=99)), encoding="utf-8")
-    with pytest.raises(common.UserError, match="other settings"):
+    with pytest.raises(config.UserError, match="other settings"):
         run_sample(policy_dir, prompts_file, out)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_vllm_engine_without_vllm_is_a_one_line_error(policy_dir, prompts_file, tmp_path):
-    with pytest.raises(common.UserError, match="vllm is not installed"):
+    with pytest.raises(config.UserError, match="vllm is not installed"):
         run_sample(policy_dir, prompts_file, tmp_path / "s.jsonl", engine="vllm")
 
 
@@ -206,13 +207,13 @@ def test_seeded_sampler_draws_from_the_tempered_softmax_and_respects_top_p():
     within 4 standard errors; with top_p 0.7 only the top tokens that reach 0.7 of the mass occur."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     n = 20000
-    seeds = torch.tensor([common.response_seed(0, i, 0) for i in range(n)])
+    seeds = torch.tensor([generation.response_seed(0, i, 0) for i in range(n)])
     scores = logits.expand(n, -1).clone()
-    chosen = common.SeededSampler(seeds, 0.8, 1.0)(scores, 0)
+    chosen = generation.SeededSampler(seeds, 0.8, 1.0)(scores, 0)
     freq = torch.bincount(chosen, minlength=5).float() / n
     p = (logits / 0.8).softmax(-1)
     assert torch.all((freq - p).abs() < 4 * (p * (1 - p) / n).sqrt() + 1e-3)
-    top = common.SeededSampler(seeds, 1.0, 0.7)(scores, 0)
+    top = generation.SeededSampler(seeds, 1.0, 0.7)(scores, 0)
     assert set(top.tolist()) == {0, 1}  # softmax mass: 0.61, 0.22 (cumulative 0.84 >= 0.7), ...
 
 
@@ -220,35 +221,35 @@ def test_stream_gumbel_is_its_defining_formula_bit_for_bit():
     """stream_gumbel works in place for speed; its noise must stay the defining out-of-place formula's,
     bit for bit (saved samples depend on it): u = (bits 11..63 of mix64(seed + ((step << 24) + v) x
     golden) + 0.5) / 2^53, g = -log(-log(u))."""
-    def mix64(x):  # common._mix64 on int64 tensors, out of place
-        x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * common._signed(common._MIX1)
-        x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * common._signed(common._MIX2)
+    def mix64(x):  # generation._mix64 on int64 tensors, out of place
+        x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * generation._signed(generation._MIX1)
+        x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * generation._signed(generation._MIX2)
         return x ^ ((x >> 31) & ((1 << 33) - 1))
 
     def defined(seeds, step, vocab):
         counter = (step << 24) + torch.arange(vocab, dtype=torch.int64)
-        bits = mix64(seeds.unsqueeze(1) + counter.unsqueeze(0) * common._signed(common._GOLDEN))
+        bits = mix64(seeds.unsqueeze(1) + counter.unsqueeze(0) * generation._signed(generation._GOLDEN))
         u = (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) / 2.0**53
         return -torch.log(-torch.log(u))
 
-    seeds = torch.tensor([common.response_seed(seed, p, i) for seed, p, i in [(0, 0, 0), (1, 2, 3), (-5, 7, 1),
+    seeds = torch.tensor([generation.response_seed(seed, p, i) for seed, p, i in [(0, 0, 0), (1, 2, 3), (-5, 7, 1),
                                                                               (2**40, 0, 9)]])
     for step in (0, 1, 127, 4096):
-        assert torch.equal(common.stream_gumbel(seeds, step, 1000), defined(seeds, step, 1000))
+        assert torch.equal(generation.stream_gumbel(seeds, step, 1000), defined(seeds, step, 1000))
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 def test_preallocated_kv_cache_gives_the_scores_of_transformers_own_cache(policy_dir):
     """Left-padded prompts of different lengths, greedy: every step's scores with the in-place cache
     equal those with transformers' DynamicCache exactly, so the tokens are the same."""
-    tokenizer, model = common.load_tokenizer(str(policy_dir)), common.load_model(str(policy_dir))
-    prompts = [common.encode_prompt(tokenizer, r["prompt"]) for r in prompt_rows(5)]
+    tokenizer, model = models.load_tokenizer(str(policy_dir)), models.load_model(str(policy_dir))
+    prompts = [encode_prompts(tokenizer, [r["prompt"]])[0] for r in prompt_rows(5)]
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     kwargs = dict(input_ids=ids, attention_mask=(ids != 0).long(), do_sample=False, max_new_tokens=12,
                   pad_token_id=0, eos_token_id=[], return_dict_in_generate=True, output_scores=True)
     own = model.generate(**kwargs)
-    ours = model.generate(**kwargs, past_key_values=common.preallocated_kv_cache(model.config, width + 12))
+    ours = model.generate(**kwargs, past_key_values=generation.preallocated_kv_cache(model.config, width + 12))
     assert torch.equal(ours.sequences, own.sequences)
     assert all(torch.equal(a, b) for a, b in zip(ours.scores, own.scores, strict=True))
 
@@ -268,22 +269,22 @@ class AsLogitsProcessor:
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_decode_drops_finished_rows_and_gives_generates_tokens(policy_dir, temperature):
-    """common.decode takes a row out of the batch when it emits EOS; every row's tokens are still
+    """generation.decode takes a row out of the batch when it emits EOS; every row's tokens are still
     those of transformers' generate over the whole batch (same sampler, same left-padded prompts),
     and the batch really shrinks (rows stop at different steps here)."""
     from transformers import LogitsProcessorList
 
-    tokenizer, model = common.load_tokenizer(str(policy_dir)), common.load_model(str(policy_dir))
-    prompts = [common.encode_prompt(tokenizer, r["prompt"]) for r in prompt_rows(12, seed=5)]
+    tokenizer, model = models.load_tokenizer(str(policy_dir)), models.load_model(str(policy_dir))
+    prompts = [encode_prompts(tokenizer, [r["prompt"]])[0] for r in prompt_rows(12, seed=5)]
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = (ids != 0).long()
-    seeds = torch.tensor([common.response_seed(0, i, 0) for i in range(len(prompts))])
-    sampler = common.SeededSampler(seeds, temperature)
+    seeds = torch.tensor([generation.response_seed(0, i, 0) for i in range(len(prompts))])
+    sampler = generation.SeededSampler(seeds, temperature)
     batch_sizes = []
     real_forward = model.forward
     model.forward = lambda *a, **k: batch_sizes.append(k["input_ids"].shape[0]) or real_forward(*a, **k)
-    ours = common.decode(model, ids, mask, sampler, 16, [2])
+    ours = generation.decode(model, ids, mask, sampler, 16, [2])
     model.forward = real_forward
     own = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
                          eos_token_id=2, logits_processor=LogitsProcessorList([AsLogitsProcessor(sampler, width)]))

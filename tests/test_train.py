@@ -16,8 +16,13 @@ from transformers import AutoModelForCausalLM
 
 import dpo
 import sft
-from common import (Dist, SequenceLogps, collate, encode_prompt, encode_response, epoch_batches, load_model,
-                    micro_batches, run_main, wrap_policy)
+from brevity.batches import epoch_batches, micro_batches  # noqa: E402
+from brevity.config import run_main  # noqa: E402
+from brevity.dist import Dist  # noqa: E402
+from brevity.fsdp import wrap_policy  # noqa: E402
+from brevity.logprobs import SequenceLogps  # noqa: E402
+from brevity.models import load_model  # noqa: E402
+from brevity.tokens import collate, encode_prompts, encode_responses  # noqa: E402
 from losses import LOSSES
 
 
@@ -54,7 +59,8 @@ def test_every_loss_trains_and_saves_a_model_that_loads_with_the_same_logits(los
         assert not torch.equal(start(input_ids=ids).logits, trained(input_ids=ids).logits)  # it did train
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    for key in dpo.METRICS + ("grad_norm", "tokens", "lr"):
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+                "logps/rejected", "length/chosen", "length/rejected", "grad_norm", "tokens", "lr"):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert {"settings.json", "metrics.jsonl", "data_stats.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "settings.json").read_text())["loss"] == loss
@@ -101,7 +107,7 @@ def boundary_merging_tokenizer():
 
 
 def check_exact_mask(tokenizer, model, prompt, response):
-    prompt_ids, response_ids = encode_prompt(tokenizer, prompt), encode_response(tokenizer, response)
+    prompt_ids, response_ids = encode_prompts(tokenizer, [prompt])[0], encode_responses(tokenizer, [response])[0]
     examples = [(prompt_ids, response_ids), (prompt_ids, [9, 9] + response_ids)]  # the second one pads the first
     input_ids, attention_mask, response_mask = collate(examples, tokenizer.pad_token_id)
     row, mask = input_ids[0], response_mask[0].bool()
@@ -169,15 +175,16 @@ def test_sft_reads_prompt_response_and_messages_alike(tiny_tokenizer):
                           {"role": "assistant", "content": "apple pear plum"}]}]
     examples, stats = sft.encode_examples(rows, tiny_tokenizer, s)
     assert examples[0] == examples[1] and stats["examples"] == 2
-    assert examples[0][1] == encode_response(tiny_tokenizer, "apple pear plum")
+    assert examples[0][1] == encode_responses(tiny_tokenizer, ["apple pear plum"])[0]
 
 
 def test_sft_loss_is_the_mean_nll_of_response_tokens_only(tiny_tokenizer):
     model = make_model(tiny_tokenizer)
     examples, _ = sft.encode_examples([{"prompt": sentence(random.Random(i), 3, 9), "response": "apple pear"}
                                        for i in range(4)], tiny_tokenizer, sft.Settings())
-    nll, tokens = sft.accumulate_gradients(wrap_policy(model, Dist()), examples, [0, 1, 2, 3], sft.Settings(),
-                                           tiny_tokenizer.pad_token_id, Dist())
+    sums = sft.accumulate_gradients(wrap_policy(model, Dist()), examples, [0, 1, 2, 3], sft.Settings(),
+                                    tiny_tokenizer.pad_token_id, Dist())
+    nll, tokens = sums["nll"], sums["response_tokens"]
     ids, _, mask = collate(examples, tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         expected = -manual_sequence_logps(model, ids, mask).sum() / mask.sum()
@@ -204,7 +211,7 @@ def test_long_prompts_are_cut_from_the_left_and_pairs_that_do_not_fit_are_droppe
     pairs, stats = dpo.encode_pairs(rows, tokenizer, dataclasses.replace(s, truncate_responses=True))
     assert stats["pairs"] == 16 and stats["responses_cut"] == 1
     assert all(len(p) <= 40 and len(p) + max(len(c), len(r)) <= 80 for p, c, r in pairs)
-    full_prompt = encode_prompt(tokenizer, rows[0]["prompt"])
+    full_prompt = encode_prompts(tokenizer, [rows[0]["prompt"]])[0]
     assert pairs[0][0] == full_prompt[-40:]  # the end of the prompt is kept
 
 

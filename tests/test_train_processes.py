@@ -20,7 +20,7 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 import sft
-from common import run_main
+from brevity.config import run_main  # noqa: E402
 
 ENV = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

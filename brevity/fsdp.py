@@ -1,0 +1,70 @@
+"""The policy as a trainable module: `wrap_policy` shards it with FSDP2 under torchrun and leaves it
+whole on one process; the helpers here are no-ops on one process, so a training loop's other lines
+are the same on one process or many.
+"""
+from __future__ import annotations
+
+import torch
+
+from brevity.config import UserError
+from brevity.dist import Dist
+from brevity.logprobs import SequenceLogps
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model (the classes in its `_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UserError(f"{type(model).__name__}: cannot find its decoder layers (no _no_split_modules)")
+    return layers
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def wrap_policy(model, d: Dist, chunk_size: int = 1024, activation_checkpointing: bool = False) -> SequenceLogps:
+    """`model` on d.device, wrapped for training. Under torchrun, FSDP2: `fully_shard` on every
+    decoder layer, then on the wrapper as the root (embeddings, final norm, LM head), with bf16
+    compute and fp32 gradient reduction on GPU. One process: the bare model (bf16 autocast on GPU).
+
+    The model stays in eval mode: dropout is off while training, so the policy's log-probs are the
+    same function the reference log-probs were computed with.
+    """
+    model.to(d.device).eval()
+    if activation_checkpointing:  # the forward is wrapped in place: parameter names stay as they are
+        for layer in decoder_layers(model):
+            layer.forward = _checkpointed(layer.forward)
+    cuda = d.device.type == "cuda"
+    if d.world_size == 1:
+        fp32 = next(model.parameters()).dtype == torch.float32
+        return SequenceLogps(model, chunk_size, torch.bfloat16 if cuda and fp32 else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else \
+        MixedPrecisionPolicy()
+    policy = SequenceLogps(model, chunk_size)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(policy, mp_policy=mp)
+    return policy
+
+
+def set_gradient_sync(policy, enabled: bool) -> None:
+    """FSDP2 reduce-scatters gradients only on the last micro-step of a step; no-op on one process."""
+    if hasattr(policy, "set_requires_gradient_sync"):
+        policy.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm(policy, max_norm: float) -> float:
+    """Clip the global gradient norm (0: do not clip) and return it (before clipping)."""
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

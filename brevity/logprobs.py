@@ -1,0 +1,101 @@
+"""Per-sequence log-probabilities. logp(y) = sum over response tokens of log pi(y_t | x, y_<t), in
+float32, computed chunk by chunk so that no [B, T, V] float32 tensor exists.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from brevity.dist import all_reduce_sum
+from brevity.tokens import collate
+
+
+def _chunk_token_logps(lm_head, hidden, targets):
+    # logit[target] - logsumexp(logits) == log_softmax(logits)[target], without a second [N, V] tensor
+    logits = lm_head(hidden).float()
+    return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _chunked_logps(lm_head, hidden, targets, chunk_size: int, checkpoint_chunks: bool):
+    """`_chunk_token_logps` over the positions (dim -2) of [B, T, H] or [N, H] hidden states, a chunk
+    at a time. Under autograd each chunk's logits are recomputed in backward (activation
+    checkpointing), so only one chunk's logits are ever alive."""
+    from torch.utils.checkpoint import checkpoint
+
+    dim = hidden.dim() - 2
+    out = []
+    for start in range(0, hidden.shape[dim], chunk_size):
+        width = min(chunk_size, hidden.shape[dim] - start)
+        h, t = hidden.narrow(dim, start, width), targets.narrow(dim, start, width)
+        if checkpoint_chunks:
+            out.append(checkpoint(_chunk_token_logps, lm_head, h, t, use_reentrant=False))
+        else:
+            out.append(_chunk_token_logps(lm_head, h, t))
+    return torch.cat(out, dim=dim) if out else hidden.new_zeros(targets.shape, dtype=torch.float32)
+
+
+def sequence_logps(model, input_ids, attention_mask, response_mask, position_ids=None, chunk_size: int = 1024):
+    """Sum of response-token log-probs per sequence, float32 [B]; `response_mask` [B, T] marks the
+    tokens of `input_ids` that belong to the response (EOS included).
+
+    The LM head runs only where the next token is a response token: those hidden states are packed
+    into [N, H] (N = response tokens in the batch) and go through the head `chunk_size` tokens at a
+    time, so prompt and padding positions cost no LM-head work and the peak is chunk_size x V floats.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False).last_hidden_state
+    predicts_response = response_mask[:, 1:].bool()  # hidden state t predicts token t + 1
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts_response)
+    logps = _chunked_logps(model.get_output_embeddings(), hidden[:, :-1][predicts_response],
+                           input_ids[:, 1:][predicts_response], chunk_size, torch.is_grad_enabled())
+    return logps.new_zeros(input_ids.shape[0]).index_add(0, rows[predicts_response], logps)
+
+
+class SequenceLogps(torch.nn.Module):
+    """A causal LM whose forward returns per-sequence response log-probs, float32 [B]
+    (`sequence_logps`).
+
+    Why a module: `sequence_logps` calls the decoder and the LM head directly, never the LM's own
+    forward, so under FSDP2 the LM's root parameters (embeddings, final norm, LM head) must belong
+    to a module whose forward does run, for its hooks to gather them: this one, sharded as the root.
+    """
+
+    def __init__(self, model, chunk_size: int = 1024, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, input_ids, attention_mask, response_mask):
+        autocast = (torch.autocast(input_ids.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            return sequence_logps(self.model, input_ids, attention_mask, response_mask, chunk_size=self.chunk_size)
+
+
+@torch.no_grad()
+def response_logps(policy: SequenceLogps, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                   d=None) -> torch.Tensor:
+    """logp(response | prompt) of every (prompt ids, response ids) pair, float32 [N] on CPU.
+
+    Batches of `batch_size` sequences sorted by length. With `d` (a `dist.Dist` of several processes)
+    the examples are split over the processes and every process gets all N values; under FSDP every
+    process must run every forward, so one without a share of the last group recomputes an example
+    of it. Without `d`, this process computes them all.
+    """
+    rank, world = (d.rank, d.world_size) if d else (0, 1)
+    device = next(policy.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
+    total, count = torch.zeros(len(examples)), torch.zeros(len(examples))
+    group = batch_size * world
+    for start in range(0, len(order), group):
+        ids = order[start:start + group][rank * batch_size:(rank + 1) * batch_size] or order[start:start + 1]
+        total[ids] += policy(*collate([examples[i] for i in ids], pad_id, device)).float().cpu()
+        count[ids] += 1
+    if world > 1:
+        # A forward without backward leaves FSDP2's root parameters gathered and registered in place
+        # of the sharded ones; put the sharded ones back (what an optimizer must hold).
+        policy.reshard()
+        total, count = all_reduce_sum(d, total.to(device)).cpu(), all_reduce_sum(d, count.to(device)).cpu()
+    return total / count

@@ -1,0 +1,129 @@
+"""Scoring: a reward or gold scorer is a Python function or a sequence-classification reward model,
+both called as `scorer(prompts, responses) -> list[float]` (label.py and evaluate.py).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from brevity.config import UserError
+from brevity.models import load_model, load_tokenizer
+from brevity.tokens import pad_batch, prompt_messages, prompt_user_text
+
+
+def load_function(spec: str, what: str):
+    """The function named by "module:function" (importable from the working directory or this
+    repository) or "path/to/file.py:function"."""
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        raise UserError(f"{what} {spec!r}: expected module:function")
+    try:
+        if module_name.endswith(".py"):
+            if not Path(module_name).is_file():
+                raise UserError(f"{what} {spec!r}: {module_name} not found")
+            loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            for path in (os.getcwd(), str(Path(__file__).resolve().parents[1])):
+                if path not in sys.path:
+                    sys.path.append(path)
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"{what} {spec!r}: cannot import {module_name} ({e})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"{what} {spec!r}: {module_name} has no function {name!r}")
+    return fn
+
+
+class RewardModel:
+    """A reward model: `AutoModelForSequenceClassification` with one label, called as
+    `rm(prompts, responses) -> list[float]`.
+
+    It reads each (prompt, response) as its own tokenizer formats it (never the policy's ids): the
+    conversation through its chat template, else `text_format` ("{prompt}" and "{response}"
+    filled in; a backslash-n in it is a newline, so that flags and recipe files can carry one),
+    else the tokenizer's pair encoding. Batches are sorted by length and right-padded with an id
+    that occurs in none of the batch's sequences, set as the model's pad id for the call:
+    transformers reads the score at the last token that is not the pad id, so it is read at the
+    last real token even where the real pad id is EOS and ends a sequence. A sequence longer
+    than `max_length` (0: no limit) loses tokens from the left.
+    """
+
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16,
+                 max_length: int = 0, text_format: str = "", trust_remote_code: bool = False):
+        from transformers import AutoModelForSequenceClassification
+
+        self.tokenizer = load_tokenizer(name, trust_remote_code)
+        self.model = load_model(name, dtype, trust_remote_code, AutoModelForSequenceClassification).to(device)
+        if self.model.config.num_labels != 1:
+            raise UserError(f"{name}: reward model has num_labels={self.model.config.num_labels}, expected 1")
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.text_format = text_format.replace("\\n", "\n")
+
+    def encode(self, prompt, response: str) -> list[int]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) and not self.text_format:
+            messages = prompt_messages(prompt) + [{"role": "assistant", "content": response}]
+            ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        elif self.text_format:
+            try:
+                text = self.text_format.format(prompt=prompt_user_text(prompt), response=response)
+            except (KeyError, IndexError, ValueError) as e:
+                raise UserError(f"text format {self.text_format!r}: only {{prompt}} and {{response}} may be in "
+                                f"braces ({type(e).__name__}: {e})") from None
+            ids = tok(text)["input_ids"]
+        else:
+            ids = tok(prompt_user_text(prompt), response)["input_ids"]
+        return ids[-self.max_length:] if self.max_length else ids
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list, responses: list[str]) -> list[float]:
+        seqs = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        config = self.model.config.get_text_config()
+        own_pad, vocab = config.pad_token_id, self.model.get_input_embeddings().num_embeddings
+        scores = [0.0] * len(seqs)
+        try:
+            for start in range(0, len(order), self.batch_size):
+                batch = [seqs[i] for i in order[start:start + self.batch_size]]
+                used = {t for s in batch for t in s}
+                config.pad_token_id = own_pad if own_pad is not None and own_pad not in used else next(
+                    t for t in range(vocab) if t not in used)
+                ids, mask, _ = pad_batch(batch, [[] for _ in batch], config.pad_token_id)
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                for i, value in zip(order[start:start + self.batch_size], logits[:, 0].float().tolist()):
+                    scores[i] = value
+        finally:
+            config.pad_token_id = own_pad
+        return scores
+
+
+def load_scorer(reward_fn: str, reward_model: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16,
+                max_length: int = 0, text_format: str = "", trust_remote_code: bool = False, flag: str = "reward"):
+    """`scorer(prompts, responses) -> list[float]` from exactly one of a function spec and a model.
+
+    A function gets the user prompt text (`prompt_user_text`) and the response text; a reward model
+    gets the whole prompt (chat messages included)."""
+    if bool(reward_fn) == bool(reward_model):
+        raise UserError(f"give exactly one of --{flag}_fn module:function and --{flag}_model DIR_OR_HUB_ID")
+    if reward_model:
+        return RewardModel(reward_model, device, dtype, batch_size, max_length, text_format, trust_remote_code)
+    fn = load_function(reward_fn, f"--{flag}_fn")
+
+    def score(prompts: list, responses: list[str]) -> list[float]:
+        values = list(fn([prompt_user_text(p) for p in prompts], list(responses)))
+        if len(values) != len(responses):
+            raise UserError(f"--{flag}_fn {reward_fn}: returned {len(values)} scores for {len(responses)} responses")
+        try:
+            return [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise UserError(f"--{flag}_fn {reward_fn}: returned a score that is not a number") from None
+
+    return score
