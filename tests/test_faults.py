@@ -409,7 +409,7 @@ def test_an_infinite_loss_stops_sft_and_keeps_its_last_checkpoint_loadable(tiny_
     def inf_in_step_3(*args):
         calls.append(1)
         sums = real(*args)
-        return sums * torch.tensor([float("inf") if len(calls) == 3 else 1.0, 1.0])
+        return {**sums, "nll": sums["nll"] * (float("inf") if len(calls) == 3 else 1.0)}
 
     monkeypatch.setattr(sft, "accumulate_gradients", inf_in_step_3)
     out = tmp_path / "out"
@@ -546,7 +546,7 @@ def test_remote_code_runs_only_behind_the_flag(good, tmp_path, capsys):
         assert module.Settings().trust_remote_code is False
     # In the code, trust_remote_code is only ever passed on from the flag, never set to True.
     loaders = {"load_tokenizer", "load_model", "load_scorer", "RewardModel", "from_pretrained", "LLM"}
-    for path in [ROOT / f"{s}.py" for s in ("common", *STAGES)]:
+    for path in [*sorted((ROOT / "brevity").glob("*.py")), *(ROOT / f"{s}.py" for s in STAGES)]:
         for call in (n for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.Call)):
             loader = getattr(call.func, "attr", getattr(call.func, "id", "")) in loaders
             values = [k.value for k in call.keywords if k.arg == "trust_remote_code"] + [
