@@ -16,7 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import label  # noqa: E402
-from common import UserError, read_jsonl, run_main  # noqa: E402
+from brevity.config import UserError, run_main  # noqa: E402
+from brevity.files import read_jsonl  # noqa: E402
 
 
 def response(text: str, score: float, tokens: int, finish: str = "eos") -> dict:
