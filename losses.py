@@ -671,9 +671,11 @@ class PairLosses(NamedTuple):
 
 def _sums(logps, lengths, weights=None):
     """[B] sums of [B] or [B, T] log-probs; a [B, T] tensor is masked to its lengths (and weighted)."""
-    if logps is None or logps.dim() == 1:
+    if logps is None:
+        return None
+    if logps.dim() == 1:
         _check(weights is None, "LD-DPO and SamPO need per-token log-probs ([B, T]), got per-sequence sums ([B])")
-        return None if logps is None else logps.float()
+        return logps.float()
     _check(logps.shape[1] >= int(lengths.max()), f"per-token log-probs of width {logps.shape[1]} are narrower "
                                                  f"than the longest response ({int(lengths.max())} tokens)")
     mask = _positions(lengths, logps.shape[1]).float() if weights is None else weights

@@ -23,7 +23,7 @@ from brevity.fsdp import wrap_policy  # noqa: E402
 from brevity.logprobs import SequenceLogps  # noqa: E402
 from brevity.models import load_model  # noqa: E402
 from brevity.tokens import collate, encode_prompts, encode_responses  # noqa: E402
-from losses import LOSSES
+from losses import LOSSES, Objective, Term
 
 
 def dpo_settings(model_dir, data, out, loss="dpo", **overrides):
@@ -280,18 +280,24 @@ def grads_after(accumulate, grad_accum):
     return {n: p.grad.clone() for n, p in policy.named_parameters()}
 
 
-@pytest.mark.parametrize("stage", ["dpo", "sft"])
-def test_gradient_accumulation_is_exact(stage):
-    """One micro-batch of 4 and four micro-batches of 1 give the same gradient."""
+@pytest.mark.parametrize("stage, options", [("dpo", {}), ("dpo", {"ld_alpha": 0.5}), ("dpo", {"sampo": True}),
+                                            ("dpo", {"use_weighting": True}), ("sft", {})],
+                         ids=["dpo", "dpo-ld_alpha", "dpo-sampo", "dpo-wpo", "sft"])
+def test_gradient_accumulation_is_exact(stage, options):
+    """One micro-batch of 4 and four micro-batches of 1 give the same gradient, with per-sequence sums
+    and with the per-token options (LD-DPO and SamPO read a per-token reference cache; WPO log sum p^2)."""
     rows = pref_rows(4, seed=3)
 
     def accumulate(policy, tokenizer, grad_accum):
         if stage == "dpo":
             s = dpo.Settings(batch_size=4, grad_accum=grad_accum)
             pairs, _ = dpo.encode_pairs(rows, tokenizer, s)
-            ref = (torch.linspace(-40, -20, 4), torch.linspace(-35, -25, 4))
-            dpo.accumulate_gradients(policy, pairs, [0, 1, 2, 3], LOSSES["ilrdpo"].fn, {"beta": 0.1, "alpha": 0.05},
-                                     ref, s, tokenizer.pad_token_id, Dist())
+            objective = Objective((Term("ilrdpo", 1.0, {"beta": 0.1, "alpha": 0.05}),), **options)
+            per_token = "reference_tokens" in objective.needs
+            n_chosen, n_rejected = (sum(len(p[k]) for p in pairs) if per_token else 4 for k in (1, 2))
+            ref = (torch.linspace(-4, -2, n_chosen), torch.linspace(-3.5, -2.5, n_rejected))
+            dpo.accumulate_gradients(policy, pairs, [0, 1, 2, 3], 7, objective,
+                                     dpo.cached_reference(ref, pairs, per_token), s, tokenizer.pad_token_id, Dist())
         else:
             s = sft.Settings(batch_size=4, grad_accum=grad_accum)
             examples, _ = sft.encode_examples([{"prompt": r["prompt"], "response": r["chosen"]} for r in rows],
