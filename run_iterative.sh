@@ -4,6 +4,7 @@
 #
 #   bash run_iterative.sh                        # embedded default: tiny model, synthetic task, iLR-DPO
 #   LOSS=dpo bash run_iterative.sh               # the same with vanilla iterative DPO
+#   LOSS=sigmoid+sft PAIR_RULE=best_second bash run_iterative.sh   # a mixture; label.py's --pair_rule
 #   bash run_iterative.sh configs/storm7b.env    # a recipe: KEY=VALUE lines, '#' comments, read as data
 #   DRY_RUN=1 bash run_iterative.sh              # print each stage's command instead of running it
 #
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-KNOWN_KEYS=" DRY_RUN NAME RUNS_DIR NPROC K LOSS LOSS_ARGS REF BASE_MODEL SFT_DATA SFT_DIR SFT_CONFIG DPO_CONFIG PROMPTS EVAL_PROMPTS N TEMPERATURE TOP_P MAX_NEW_TOKENS REWARD GOLD EMBEDDED_DIR SEED EXTRA_FLAGS SAMPLE_ARGS LABEL_ARGS EVAL_ARGS "
+KNOWN_KEYS=" DRY_RUN NAME RUNS_DIR NPROC K LOSS LOSS_ARGS REF BASE_MODEL SFT_DATA SFT_DIR SFT_CONFIG DPO_CONFIG PROMPTS EVAL_PROMPTS N TEMPERATURE TOP_P MAX_NEW_TOKENS REWARD GOLD PAIR_RULE EMBEDDED_DIR SEED EXTRA_FLAGS SAMPLE_ARGS LABEL_ARGS EVAL_ARGS "
 
 read_recipe() {  # KEY=VALUE lines; one pair of surrounding quotes is stripped; nothing is evaluated
   local recipe=$1 lineno=0 line key value
@@ -36,7 +37,7 @@ read_recipe() {  # KEY=VALUE lines; one pair of surrounding quotes is stripped; 
 [ "$#" -le 1 ] || { echo "usage: $0 [recipe-file]" >&2; exit 2; }
 [ "$#" -eq 0 ] || read_recipe "$1"
 
-: "${LOSS:=ilrdpo}"                        # any name in losses.LOSSES
+: "${LOSS:=ilrdpo}"                        # any name in losses.LOSSES, or several joined by + (a mixture)
 : "${NAME:=$LOSS}"                         # the run: everything of it goes to RUNS_DIR/NAME
 : "${RUNS_DIR:=runs}"
 : "${NPROC:=1}"                            # processes per stage (torchrun --nproc_per_node)
@@ -57,6 +58,7 @@ read_recipe() {  # KEY=VALUE lines; one pair of surrounding quotes is stripped; 
 : "${TOP_P:=1.0}"
 : "${MAX_NEW_TOKENS:=32}"                  # generation limit for sampling and evaluation
 : "${REWARD:=embedded:proxy_reward}"       # label.py's reward: module:function, or a reward model dir/id
+: "${PAIR_RULE:=best_worst}"               # label.py's --pair_rule (its --length_penalty goes in LABEL_ARGS)
 : "${GOLD:=embedded:gold_score}"           # evaluate.py's gold scorer, likewise
 : "${SEED:=0}"                             # base seed; iteration k samples and trains with SEED + k
 : "${EXTRA_FLAGS:=}"                       # flags for every python stage, e.g. "--trust_remote_code"
@@ -115,8 +117,8 @@ for k in $(seq 1 "$K"); do
   fi
   if [ ! -e "$it/pairs.jsonl" ]; then
     log "iter $k: label with $REWARD"
-    stage label.py --samples "$it/samples.jsonl" --output_dir "$it" "${reward_flags[@]}" \
-      ${label_args[@]+"${label_args[@]}"}
+    stage label.py --samples "$it/samples.jsonl" --output_dir "$it" "${reward_flags[@]}" --pair_rule "$PAIR_RULE" \
+      --seed "$((SEED + k))" ${label_args[@]+"${label_args[@]}"}
   fi
   if [ "$REF" = initial ]; then ref=$start_model; else ref=$policy; fi
   if [ ! -e "$it/model/model.safetensors" ]; then

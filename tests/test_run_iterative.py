@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import shlex
 import signal
@@ -180,3 +181,49 @@ def test_the_environment_wins_over_the_recipe(tmp_path):
                              env={**os.environ, "DRY_RUN": "1", "K": "1", "LOSS": "dpo"},
                              capture_output=True, text=True, cwd=ROOT)
     assert printed.returncode == 0 and "--loss dpo" in printed.stdout and "iter2" not in printed.stdout
+
+
+def test_every_setting_of_the_script_is_a_recipe_key_and_back():
+    """The defaults block (`: "${KEY:=...}"`) and KNOWN_KEYS name the same settings."""
+    import re
+    text = SCRIPT.read_text()
+    known = set(re.search(r'KNOWN_KEYS=" (.*) "', text).group(1).split())
+    defaulted = set(re.findall(r'"\$\{([A-Z_]+):?=', text)) | {"LOSS_ARGS"}
+    assert known == defaulted
+
+
+def test_pair_rule_reaches_label_py(tmp_path):
+    recipe = tmp_path / "rule.env"
+    recipe.write_text("PAIR_RULE=length_penalised\nLABEL_ARGS=--length_penalty 0.05\nK=1\n")
+    printed = subprocess.run(["bash", str(SCRIPT), str(recipe)], env={**os.environ, "DRY_RUN": "1",
+                                                                     "RUNS_DIR": str(tmp_path / "runs")},
+                             capture_output=True, text=True, cwd=ROOT)
+    assert printed.returncode == 0, printed.stderr
+    (line,) = [x for x in printed.stdout.splitlines() if "label.py" in x]
+    assert "--pair_rule length_penalised --seed 1 --length_penalty 0.05" in line
+    parse_command(line)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, loss_args, pair_rule, label_args", [
+    ("exo_pair", "", "best_worst", ""),
+    ("sigmoid+bco_pair+sft", "--loss_weights 0.8,0.2,1.0", "best_second", ""),
+    ("dpo", "--ld_alpha 0.5", "all_pairs", ""),
+    ("ipo", "--sampo", "length_penalised", "--length_penalty 0.05"),
+    ("dpo", "--sync_ref_model --ref_model_sync_steps 2", "best_random", ""),
+], ids=["exo_pair", "mpo-mixture", "ld-dpo", "ipo-sampo", "tr-dpo"])
+def test_a_loss_and_a_pair_rule_run_in_the_loop(setup, loss, loss_args, pair_rule, label_args):
+    """One iteration with LOSS, LOSS_ARGS and PAIR_RULE: every stage runs, the pairs follow the rule, the
+    model trains with the loss and its options."""
+    base, env = setup
+    name = f"{loss}-{pair_rule}"
+    done = run(env, RUNS_DIR=str(base / "loop runs"), K="1", LOSS=loss, LOSS_ARGS=loss_args, PAIR_RULE=pair_rule,
+               LABEL_ARGS=label_args, NAME=name)
+    assert done.returncode == 0, done.stderr[-3000:]
+    it = base / "loop runs" / name / "iter1"
+    assert json.loads((it / "label_stats.json").read_text())["pair_rule"] == pair_rule
+    settings = json.loads((it / "model" / "settings.json").read_text())
+    assert settings["loss"] == loss
+    rows = [json.loads(x) for x in (it / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    assert files.read_jsonl(base / "loop runs" / name / "summary.jsonl")[1]["length"] > 0
