@@ -65,8 +65,14 @@ def test_every_prompt_names_its_count_and_category(data):
             n, category, excluded = embedded.parse_prompt(row["prompt"])
             assert n in embedded.COUNTS and category in embedded.CATEGORIES
             assert excluded is None or excluded in embedded.CATEGORIES[category]
+
+
+def test_sft_rows_are_a_prompt_and_a_non_empty_response(data):
     for row in read(data / "sft.jsonl"):
         assert row["response"] and set(row) == {"prompt", "response"}
+
+
+def test_eval_rows_have_a_reference_answer_with_the_count_asked_for(data):
     for row in read(data / "eval.jsonl"):
         assert set(row) == {"prompt", "chosen"}
         assert len(row["chosen"].split(",")) == embedded.parse_prompt(row["prompt"])[0]
