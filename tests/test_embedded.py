@@ -60,11 +60,15 @@ def test_data_is_byte_identical_for_a_seed(data, tmp_path):
 
 
 def test_every_prompt_names_its_count_and_category(data):
+    """Each prompt parses into a count, a category and, for some prompts, an item of it to leave out."""
+    exclusions = 0
     for name in ("sft.jsonl", "prompts.jsonl", "eval.jsonl", "prefs.jsonl"):
         for row in read(data / name):
             n, category, excluded = embedded.parse_prompt(row["prompt"])
             assert n in embedded.COUNTS and category in embedded.CATEGORIES
             assert excluded is None or excluded in embedded.CATEGORIES[category]
+            exclusions += excluded is not None
+    assert exclusions > 0
 
 
 def test_sft_rows_are_a_prompt_and_a_non_empty_response(data):

@@ -5,6 +5,7 @@ their formats; saved SFT generations reused, and refused when made with other se
 model; the summary table over iterations. The models are conftest's word-level tiny Llamas."""
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import re
@@ -92,7 +93,7 @@ def test_eval_json_holds_the_returned_metrics(evaluated):
 
 def test_gold_scores_are_the_gold_functions_means_over_the_prompts(evaluated, gold_module):
     """details.jsonl holds the gold scorer's value of each response; eval.json their means."""
-    score = __import__(gold_module.split(":")[0]).score
+    score = importlib.import_module(gold_module.split(":")[0]).score
     result, details = evaluated["result"], evaluated["details"]
     for side, output in (("gold", "output"), ("sft_gold", "sft_output"), ("chosen_gold", "chosen")):
         assert [d[side] for d in details] == pytest.approx(score(None, [d[output] for d in details])), side
@@ -103,6 +104,7 @@ def test_gold_scores_are_the_gold_functions_means_over_the_prompts(evaluated, go
 
 def test_win_rates_are_the_shares_of_prompts_won_with_a_tie_counted_half(evaluated):
     result, details = evaluated["result"], evaluated["details"]
+    assert any(d["gold"] == d["sft_gold"] for d in details)  # a tie occurs, so its half is checked
 
     def wins(other):
         return [1.0 if d["gold"] > d[other] else 0.5 if d["gold"] == d[other] else 0.0 for d in details]
