@@ -20,8 +20,9 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 import sft
-from brevity.config import run_main  # noqa: E402
+from brevity.config import run_main
 
+pytestmark = pytest.mark.slow  # torchrun and SIGKILL'd subprocesses: tens of seconds each
 ENV = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
