@@ -23,17 +23,18 @@ from pathlib import Path
 import torch
 
 from brevity.batches import micro_batches
-from brevity.config import UserError, run_main, setting
-from brevity.files import TEXT_OR_CHAT, load_rows, require_input
+from brevity.config import UserError, read_yaml, run_main, setting
+from brevity.files import PROMPT, RESPONSE, load_rows, require_input, respect_umask, rows_fingerprint
 from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
 from brevity.logprobs import response_logps
-from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer, release_memory
+from brevity.models import (DTYPES, check_model_dir, check_same_vocabulary, load_model, load_tokenizer,
+                            model_fingerprint, release_memory, safetensors_problem)
 from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length
 from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
 from losses import LOSSES, loss_hyperparameters
 
 DEFAULT_MODEL, DEFAULT_DATA = "runs/sft", "data/embedded/prefs.jsonl"
-PAIR_FIELDS = {"prompt": TEXT_OR_CHAT, "chosen": TEXT_OR_CHAT, "rejected": TEXT_OR_CHAT}
+PAIR_FIELDS = {"prompt": PROMPT, "chosen": RESPONSE, "rejected": RESPONSE}
 REF_CACHE = "ref_logps.safetensors"
 
 
@@ -63,13 +64,8 @@ def settings_classes(argv: list[str]) -> tuple[type, type]:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     name = known.loss
-    if name is None and known.config:
-        import yaml
-
-        try:
-            name = (yaml.safe_load(Path(known.config).read_text(encoding="utf-8")) or {}).get("loss")
-        except (OSError, yaml.YAMLError, AttributeError):
-            pass  # parse_settings reports a bad config file properly
+    if name is None and known.config and isinstance(config := read_yaml(known.config), dict):
+        name = config.get("loss")  # a config that is not a mapping: parse_settings says so
     name = name or Settings.loss
     if name not in LOSSES:
         raise UserError(f"unknown --loss {name!r}; known: {', '.join(LOSSES)}")
@@ -123,18 +119,6 @@ def pair_tokens(pairs: list[tuple], batch: list[int]) -> int:
     return sum(2 * len(pairs[i][0]) + len(pairs[i][1]) + len(pairs[i][2]) for i in batch)
 
 
-def model_fingerprint(path: str) -> str:
-    """config.json and the name, size and mtime of each weights file; a hub id stands for itself."""
-    p = Path(path)
-    if not p.is_dir():
-        return path
-    parts = [(p / "config.json").read_text(encoding="utf-8") if (p / "config.json").exists() else ""]
-    for f in sorted(p.glob("*.safetensors")):
-        st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return "\n".join(parts)
-
-
 def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str) -> str:
     h = hashlib.sha256(f"{model_fingerprint(ref_model)}\n{dtype}\n".encode())
     for p, c, r in pairs:
@@ -143,9 +127,11 @@ def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str) -> str:
 
 
 def read_ref_cache(path: Path, key: str):
+    """The cached (chosen, rejected) reference log-probs if their key is `key`; else, or if the file
+    is damaged (a copy cut short), None: a cache miss, computed again."""
     from safetensors import safe_open
 
-    if not path.exists():
+    if not path.exists() or safetensors_problem(path):
         return None
     with safe_open(str(path), framework="pt") as f:
         if (f.metadata() or {}).get("key") != key:
@@ -157,7 +143,9 @@ def write_ref_cache(path: Path, key: str, chosen: torch.Tensor, rejected: torch.
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp), metadata={"key": key})
+    respect_umask(tmp)
     os.replace(tmp, path)
 
 
@@ -216,6 +204,17 @@ def accumulate_gradients(policy, pairs: list[tuple], batch: list[int], loss_fn, 
     return sums
 
 
+def check_hyperparameters(s: Settings, hyper: dict) -> None:
+    """Call the loss on one made-up pair, so that its own checks of its hyperparameters (beta > 0, ...)
+    fail now, before anything is written, rather than in the first step."""
+    zero, one = torch.zeros(1), torch.ones(1, dtype=torch.long)
+    try:
+        LOSSES[s.loss].fn(policy_chosen_logps=zero, policy_rejected_logps=zero, reference_chosen_logps=zero,
+                          reference_rejected_logps=zero, chosen_lengths=one, rejected_lengths=one, **hyper)
+    except ValueError as e:
+        raise UserError(f"--loss {s.loss}: {e}") from None
+
+
 def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     """Train; return the trained model (for tests and notebooks)."""
     require_input(s.data, DEFAULT_DATA, "python embedded.py --out_dir data/embedded")
@@ -228,13 +227,17 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     loss, hyper = LOSSES[s.loss], dataclasses.asdict(hyperparameters)
     if set(hyper) != set(loss_hyperparameters(s.loss)):
         raise UserError(f"loss {s.loss!r} takes {sorted(loss_hyperparameters(s.loss))}, got {sorted(hyper)}")
-    if (run := start_training(s, "dpo", unit="pairs")) is None:
+    check_hyperparameters(s, hyper)
+    if (run := start_training(s, "dpo", unit="pairs", keep=(REF_CACHE,))) is None:
         return None
     d = run.d
 
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
-    pairs, stats = encode_pairs(load_rows(s.data, PAIR_FIELDS), tokenizer, s)
-    run.plan(len(pairs), stats, describe(stats, s), s, hyperparameters,
+    if s.ref_model and not loss.reference_free:
+        check_same_vocabulary(tokenizer, s.model, s.ref_model, "--ref_model", s.trust_remote_code)
+    rows = load_rows(s.data, PAIR_FIELDS)
+    pairs, stats = encode_pairs(rows, tokenizer, s)
+    run.plan(len(pairs), stats, describe(stats, s), s, hyperparameters, data_hash=rows_fingerprint(rows),
              what=f"loss {s.loss} ({', '.join(f'{k}={v}' for k, v in hyper.items())}); ")
     # before the policy exists (one model in memory at a time) and before a checkpoint is loaded into it
     ref = None if loss.reference_free else reference_logps(pairs, s, tokenizer.pad_token_id, d)
@@ -253,7 +256,7 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
         optimizer.zero_grad(set_to_none=True)
         run.log_step(step, batch, {"lr": lr, **means, "grad_norm": grad_norm, "tokens": pair_tokens(pairs, batch)},
                      policy, optimizer)
-    run.finish(policy, tokenizer, {"ref_logps_s": 0.0 if ref is None else ref[2]}, keep=(REF_CACHE,))
+    run.finish(policy, tokenizer, {"ref_logps_s": 0.0 if ref is None else ref[2]})
     return policy.model
 
 
