@@ -96,6 +96,18 @@ def lock_output_dir(out: Path, script: str) -> None:
     _LOCKS[str(path)] = f
 
 
+@contextlib.contextmanager
+def released_on_error(out: Path, held: bool):
+    """Release this process's lock on output_dir (if `held`) when the block raises: a run that fails
+    inside a process that lives on (a test, a notebook) does not keep other processes out."""
+    try:
+        yield
+    except BaseException:
+        if held:
+            unlock_output_dir(out)
+        raise
+
+
 def unlock_output_dir(out: Path) -> None:
     path = out.absolute().parent / f".{out.absolute().name}.lock"
     if (f := _LOCKS.pop(str(path), None)) is not None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from brevity.batches import global_batches
-from brevity.checkpoints import (latest_checkpoint, load_checkpoint, lock_output_dir, resume_checkpoint,
-                                 save_checkpoint, save_final_model, unlock_output_dir)
+from brevity.checkpoints import (latest_checkpoint, load_checkpoint, lock_output_dir, released_on_error,
+                                 resume_checkpoint, save_checkpoint, save_final_model, unlock_output_dir)
 from brevity.config import UserError, setting
 from brevity.dist import Dist, all_reduce_sum, cleanup_distributed, setup_distributed
 from brevity.files import atomic_write_text, check_output_path, read_json, rmtree, save_settings
@@ -209,14 +209,20 @@ def start_training(s: TrainSettings, script: str, unit: str, keep: tuple[str, ..
     without --resume is an error rather than silently overwritten; with --resume, a damaged one is
     passed over for the one before it; leftovers of an interrupted save go. `unit` names what a batch
     counts ("pairs"); `keep` names the script's own files in output_dir, carried into the final model."""
-    from transformers.utils import logging
-
     out = Path(s.output_dir)
     check_output_path(out, "--output_dir", directory=True)
     check_run_location(s)
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         lock_output_dir(out, script)
+    with released_on_error(out, rank0):
+        return _start(s, script, unit, keep, out, rank0)
+
+
+def _start(s: TrainSettings, script: str, unit: str, keep: tuple[str, ...], out: Path, rank0: bool) -> Run | None:
+    from transformers.utils import logging
+
+    if rank0:
         clean_interrupted_save(out)
     if final_model_exists(out):
         if rank0:
@@ -265,7 +271,11 @@ class Run:
     settings: tuple = ()
     stats: dict = dataclasses.field(default_factory=dict)
 
-    def plan(self, n_examples: int, stats: dict, data_line: str, *settings, data_hash: str, what: str = "") -> None:
+    def plan(self, *args, **kwargs) -> None:
+        with released_on_error(self.out, self.d.is_main):
+            self._plan(*args, **kwargs)
+
+    def _plan(self, n_examples: int, stats: dict, data_line: str, *settings, data_hash: str, what: str = "") -> None:
         """Count the steps for `n_examples` usable examples and check that the checkpoint to resume
         from fits them: not past the last step, trained on the same data (`data_hash`, of the rows as
         read). On resume, note the settings that changed. Nothing is written yet (see `resume`)."""
@@ -293,6 +303,10 @@ class Run:
                   f"({self.per_epoch} per epoch) on {self.d.world_size} process(es)")
 
     def resume(self, policy, optimizer) -> None:
+        with released_on_error(self.out, self.d.is_main):
+            self._resume(policy, optimizer)
+
+    def _resume(self, policy, optimizer) -> None:
         """Load the checkpoint to resume from, if any; then, the run being sure to start, write
         data_stats.json and settings.json (a run that fails before this leaves the earlier run's as
         they were) and open metrics.jsonl from the resume step on."""
@@ -334,7 +348,8 @@ class Run:
         last = (f"The last good checkpoint (step {int(ckpt.name[11:])}) is in {ckpt}; resume from it with --resume "
                 "and a lower --lr, or check the data" if ckpt else
                 "No checkpoint was written yet (see --save_every); lower --lr or check the data")
-        raise UserError(f"{self.script}.py: step {step + 1}: {name} is {value}; stopping. {last}")
+        with released_on_error(self.out, self.d.is_main):
+            raise UserError(f"{self.script}.py: step {step + 1}: {name} is {value}; stopping. {last}")
 
     def log_step(self, step: int, batch: list[int], values: dict, policy, optimizer) -> None:
         """Append step `step`'s metrics row and write a checkpoint every --save_every steps."""
