@@ -30,18 +30,19 @@ from pathlib import Path
 import torch
 
 from brevity.batches import micro_batches
-from brevity.config import UserError, run_main, setting
-from brevity.files import TEXT_OR_CHAT, load_rows, require_input
+from brevity.config import UserError, read_yaml, run_main, setting
+from brevity.files import PROMPT, RESPONSE, load_rows, require_input, respect_umask, rows_fingerprint
 from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
 from brevity.logprobs import response_logps
-from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer, release_memory
+from brevity.models import (DTYPES, check_model_dir, check_same_vocabulary, load_model, load_tokenizer,
+                            model_fingerprint, release_memory, safetensors_problem)
 from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length
 from brevity.generation import response_seed
 from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
 from losses import LOSSES, Objective, Term, loss_hyperparameters, objective_losses
 
 DEFAULT_MODEL, DEFAULT_DATA = "runs/sft", "data/embedded/prefs.jsonl"
-PAIR_FIELDS = {"prompt": TEXT_OR_CHAT, "chosen": TEXT_OR_CHAT, "rejected": TEXT_OR_CHAT}
+PAIR_FIELDS = {"prompt": PROMPT, "chosen": RESPONSE, "rejected": RESPONSE}
 REF_CACHE = "ref_logps.safetensors"
 
 
@@ -98,13 +99,8 @@ def settings_classes(argv: list[str]) -> tuple[type, type]:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     name = known.loss
-    if name is None and known.config:
-        import yaml
-
-        try:
-            name = (yaml.safe_load(Path(known.config).read_text(encoding="utf-8")) or {}).get("loss")
-        except (OSError, yaml.YAMLError, AttributeError):
-            pass  # parse_settings reports a bad config file properly
+    if name is None and known.config and isinstance(config := read_yaml(known.config), dict):
+        name = config.get("loss")  # a config that is not a mapping: parse_settings says so
     name = name if isinstance(name, str) and name else Settings.loss  # a mistyped config value: parse_settings says so
     for part in name.split("+"):
         if part not in LOSSES:
@@ -197,18 +193,6 @@ def pair_tokens(pairs: list[tuple], batch: list[int]) -> int:
     return sum(2 * len(pairs[i][0]) + len(pairs[i][1]) + len(pairs[i][2]) for i in batch)
 
 
-def model_fingerprint(path: str) -> str:
-    """config.json and the name, size and mtime of each weights file; a hub id stands for itself."""
-    p = Path(path)
-    if not p.is_dir():
-        return path
-    parts = [(p / "config.json").read_text(encoding="utf-8") if (p / "config.json").exists() else ""]
-    for f in sorted(p.glob("*.safetensors")):
-        st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return "\n".join(parts)
-
-
 def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str, per_token: bool = False) -> str:
     """Changes with the tokenized pairs, the reference model's files, the dtype and what is cached (sums
     per response, or the log-prob of every token), so a cache of another kind is a miss."""
@@ -220,9 +204,11 @@ def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str, per_token: boo
 
 
 def read_ref_cache(path: Path, key: str):
+    """The cached (chosen, rejected) reference log-probs if their key is `key`; else, or if the file
+    is damaged (a copy cut short), None: a cache miss, computed again."""
     from safetensors import safe_open
 
-    if not path.exists():
+    if not path.exists() or safetensors_problem(path):
         return None
     with safe_open(str(path), framework="pt") as f:
         if (f.metadata() or {}).get("key") != key:
@@ -234,7 +220,9 @@ def write_ref_cache(path: Path, key: str, chosen: torch.Tensor, rejected: torch.
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp), metadata={"key": key})
+    respect_umask(tmp)
     os.replace(tmp, path)
 
 
@@ -352,14 +340,18 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     for model in (s.model, s.ref_model):  # before anything is written
         if model:
             check_model_dir(model)
-    objective = build_objective(s, hyperparameters)
-    if (run := start_training(s, "dpo", unit="pairs")) is None:
+    objective = build_objective(s, hyperparameters)  # its hyperparameters checked before anything is written
+    if (run := start_training(s, "dpo", unit="pairs", keep=(REF_CACHE,))) is None:
         return None
     d, needs = run.d, objective.needs
 
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
-    pairs, stats = encode_pairs(load_rows(s.data, PAIR_FIELDS), tokenizer, s)
-    run.plan(len(pairs), stats, describe(stats, s), s, hyperparameters, what=describe_objective(s, hyperparameters))
+    if s.ref_model and "reference" in objective.needs:
+        check_same_vocabulary(tokenizer, s.model, s.ref_model, "--ref_model", s.trust_remote_code)
+    rows = load_rows(s.data, PAIR_FIELDS)
+    pairs, stats = encode_pairs(rows, tokenizer, s)
+    run.plan(len(pairs), stats, describe(stats, s), s, hyperparameters, data_hash=rows_fingerprint(rows),
+             what=describe_objective(s, hyperparameters))
     # before the policy exists (one model in memory at a time) and before a checkpoint is loaded into it
     ref, reference, live = None, None, None
     if "reference" in needs and not s.sync_ref_model:
@@ -385,7 +377,7 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
             sync_reference(live, policy, s.ref_model_mixup_alpha)
         run.log_step(step, batch, {"lr": lr, **means, "grad_norm": grad_norm, "tokens": pair_tokens(pairs, batch)},
                      policy, optimizer, live)
-    run.finish(policy, tokenizer, {"ref_logps_s": 0.0 if ref is None else ref[2]}, keep=(REF_CACHE,))
+    run.finish(policy, tokenizer, {"ref_logps_s": 0.0 if ref is None else ref[2]})
     return policy.model
 
 

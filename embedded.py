@@ -49,7 +49,7 @@ import tempfile
 from pathlib import Path
 
 from brevity.config import run_main
-from brevity.files import atomic_write_text
+from brevity.files import atomic_write_text, respect_umask
 
 CATEGORIES = {  # 12 categories x 12 items; every item is one word and belongs to one category only
     "fruits": "apple pear plum peach mango grape lemon lime cherry banana kiwi melon",
@@ -311,9 +311,9 @@ def write_dir(path: Path, build) -> None:
     """Run `build(tmp_dir)`, then move the result to `path` unless `path` already holds the same files."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
     try:
         build(tmp)
+        respect_umask(tmp)  # mkdtemp and safetensors make theirs private; the result is an ordinary directory
         if path.is_dir() and _same_tree(tmp, path):
             print(f"unchanged {path}/")
             return

@@ -45,11 +45,13 @@ import torch
 
 from brevity.config import UserError, run_main, setting
 from brevity.dist import all_gather_objects, barrier, cleanup_distributed, setup_distributed
-from brevity.files import atomic_write_text, load_rows, read_jsonl, save_settings, write_jsonl
+from brevity.files import (PROMPT, RESPONSE, atomic_write_text, check_output_path, load_rows, read_json, read_jsonl,
+                           save_settings, write_jsonl)
 from brevity.generation import GenerationSettings, check_generation_settings, generate_responses, response_seed, sampling_key
 from brevity.logprobs import SequenceLogps, response_logps
-from brevity.models import inference_dtype, load_model, load_tokenizer, release_memory
-from brevity.scoring import load_function, load_scorer
+from brevity.models import (check_model_dir, check_same_vocabulary, inference_dtype, load_model, load_tokenizer,
+                            release_memory)
+from brevity.scoring import load_function, load_scorer, score_batches
 from brevity.tokens import encode_prompts, encode_responses, prompt_user_text, response_text
 
 
@@ -66,7 +68,7 @@ class Settings(GenerationSettings):
     sft_generations: str = setting("", "JSONL of the SFT model's responses: reused when it exists, else written; "
                                        "empty: output_dir/sft_generations.jsonl, not reused")
     output_dir: str = setting("runs/eval", "gets eval.json, generations.json, details.jsonl, settings.json")
-    gold_batch_size: int = setting(16, "gold reward model: sequences per forward pass")
+    gold_batch_size: int = setting(16, "responses per gold call (a reward model's forward pass, or a function call)")
     gold_max_length: int = setting(0, "gold reward model: a longer conversation loses tokens from the left; 0: no "
                                       "limit")
     gold_text_format: str = setting("", "the text the gold reward model reads, with {prompt} (the last user turn) "
@@ -201,8 +203,6 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
     if same_model(s.model, s.sft_model):
         sft, sft_logps = policy, logps
     else:
-        if load_tokenizer(s.sft_model, s.trust_remote_code).get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"{s.sft_model}: another vocabulary than {s.model}; the KL needs the same tokenizer")
         sft, sft_logps = model_pass(s.sft_model, s, d, tokenizer, prompt_ids, indices, generate=sft_saved is None,
                                     response_ids=[r["token_ids"] for r in policy])
     if sft_saved is not None:
@@ -213,7 +213,8 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
                          s.gold_max_length, s.gold_text_format, s.trust_remote_code, flag="gold")
     prompts = [rows[i]["prompt"] for i in indices]
     chosen_texts = [response_text(rows[i]["chosen"]) for i in indices]
-    gold = scorer(prompts * 3, [g["text"] for g in policy] + chosen_texts + [g["text"] for g in sft])
+    gold = score_batches(scorer, prompts * 3, [g["text"] for g in policy] + chosen_texts + [g["text"] for g in sft],
+                         s.gold_batch_size)
     n = len(indices)
     bad = next((j for j, v in enumerate(gold) if not math.isfinite(v)), None)
     if bad is not None:
@@ -255,10 +256,10 @@ def summarize(s: SummarySettings) -> list[dict]:
         raise UserError(f"{run_dir}: no iter*/eval/eval.json; run evaluate.py on the iterations first")
     table = []
     for k in sorted(found):
-        row = {"iteration": k, **json.loads(found[k].read_text(encoding="utf-8"))}
+        row = {"iteration": k, **read_json(found[k])}
         stats_path = Path(run_dir) / f"iter{k}" / "label_stats.json"
         if stats_path.is_file():
-            stats = json.loads(stats_path.read_text(encoding="utf-8"))
+            stats = read_json(stats_path)
             row.update({f"sampled/{key}": stats.get(key) for key in LABEL_KEYS})
         table.append(row)
     lines = ["| iteration | " + " | ".join(name for name, _ in SUMMARY_COLUMNS) + " |",
@@ -278,15 +279,24 @@ def main(s: Settings) -> dict | list | None:
     out = Path(s.output_dir)
     if (out / "eval.json").is_file():
         print(f"{out / 'eval.json'} exists; nothing to do (remove it to evaluate again)")
-        return json.loads((out / "eval.json").read_text(encoding="utf-8"))
+        return read_json(out / "eval.json")
     check_generation_settings(s)
+    if s.gold_batch_size < 1 or s.gold_max_length < 0:
+        raise UserError("--gold_batch_size must be >= 1 and --gold_max_length >= 0")
     if bool(s.gold_fn) == bool(s.gold_model):
         raise UserError("give exactly one of --gold_fn module:function and --gold_model DIR_OR_HUB_ID")
     if s.gold_fn:
         load_function(s.gold_fn, "--gold_fn")  # a wrong name fails now, not after generating
-    rows = load_rows(s.prompts, required={"prompt": (str, list), "chosen": (str, list)})
     sft_path = Path(s.sft_generations) if s.sft_generations else out / "sft_generations.jsonl"
+    check_output_path(out, "--output_dir", directory=True)
+    check_output_path(sft_path, "--sft_generations", directory=False)
+    rows = load_rows(s.prompts, required={"prompt": PROMPT, "chosen": RESPONSE})
     sft_saved = read_sft_generations(sft_path, rows, s) if s.sft_generations and sft_path.is_file() else None
+    for model in (s.model, s.sft_model):
+        check_model_dir(model)
+    if not same_model(s.model, s.sft_model):  # the KL reads the policy's ids under the SFT model
+        check_same_vocabulary(load_tokenizer(s.model, s.trust_remote_code), s.model, s.sft_model, "--sft_model",
+                              s.trust_remote_code)
     d = setup_distributed()
     records = []
     for part in all_gather_objects(d, evaluate_shard(s, d, rows, list(range(d.rank, len(rows), d.world_size)),

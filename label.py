@@ -23,28 +23,37 @@ model (--reward_model, one label) that reads the conversation through its own to
 template (brevity.scoring.RewardModel). Under torchrun the prompts are split over processes.
 
 Which responses may form a pair: finished ones (EOS emitted; --keep_unfinished to allow cut ones)
-with non-empty text (dpo.py rejects empty strings). Of those, --pair_rule picks (RLHFlow's names in
+with text (dpo.py rejects empty and blank strings). Of those, --pair_rule picks (RLHFlow's names in
 brackets): best_worst, best vs worst (max_min); best_random, best vs one of the others drawn per prompt
 from --seed (max_random); best_second, best vs second best (max_max); all_pairs, every pair of them;
 length_penalised, best vs worst by score - --length_penalty x num_tokens (max_min_p, in tokens rather
 than characters). A candidate pair is dropped when it ties (equal ranking score or the same text) or
 its gap is below --min_margin, a prompt when fewer than two responses remain. A NaN or infinite score
 is an error naming the row: it means a broken reward, not a bad response.
+
+Scores are kept as they come, --batch_size at a time, in OUTPUT_DIR/scores.jsonl.parts/REWARD/ (one
+append-only log per process, each score under a hash of its prompt and response; REWARD a hash of
+the function's name, or of the reward model's files and settings): a rerun after an interruption,
+or after the reward function failed in a batch, scores only what is not there yet. The folder goes
+when pairs.jsonl is written. It is tied to the function's name, not its code: after changing the
+code of a function that scored wrongly, remove it.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import random
+import shutil
 import typing
 from pathlib import Path
 
 from brevity.config import UserError, run_main, setting
 from brevity.dist import all_gather_objects, barrier, cleanup_distributed, setup_distributed
-from brevity.files import atomic_write_text, read_jsonl, save_settings, write_jsonl
-from brevity.models import inference_dtype
-from brevity.scoring import load_scorer
+from brevity.files import PROMPT, atomic_write_text, check_output_path, read_jsonl, save_settings, write_jsonl
+from brevity.models import inference_dtype, model_fingerprint
+from brevity.scoring import load_scorer, score_batches
 
 
 @dataclasses.dataclass
@@ -61,7 +70,8 @@ class Settings:
     seed: int = setting(0, "best_random: each prompt's draw comes from (seed, the prompt's row)")
     min_margin: float = setting(0.0, "drop a pair whose gap in ranking score (chosen minus rejected) is below this")
     keep_unfinished: bool = setting(False, "let responses without EOS (finish_reason 'length') form pairs")
-    batch_size: int = setting(16, "reward model: sequences per forward pass")
+    batch_size: int = setting(16, "responses per reward call (a reward model's forward pass, or a function call); "
+                                  "their scores are kept as each batch ends")
     max_length: int = setting(0, "reward model: a longer conversation loses tokens from the left; 0: no limit")
     text_format: str = setting("", "the text the reward model reads, with {prompt} (the last user turn) and "
                                    "{response}, \\n a newline; used instead of its chat template; empty: its chat "
@@ -72,31 +82,89 @@ class Settings:
 
 
 def check_rows(rows: list[dict], path: str) -> None:
-    """Every response must be {"text": str, "num_tokens": int, "finish_reason": "eos" | "length"}."""
+    """Every response must be {"text": str, "num_tokens": int (a count, not a bool), "finish_reason":
+    "eos" | "length"}."""
     for i, row in enumerate(rows):
         if not row["responses"]:
             raise UserError(f"{path}: row {i + 1}: no responses")
         for j, r in enumerate(row["responses"]):
-            if not (isinstance(r, dict) and isinstance(r.get("text"), str) and isinstance(r.get("num_tokens"), int)
+            n = r.get("num_tokens") if isinstance(r, dict) else None
+            if not (isinstance(r, dict) and isinstance(r.get("text"), str) and type(n) is int and 0 <= n < 2**53
                     and r.get("finish_reason") in ("eos", "length")):
                 raise UserError(f"{path}: row {i + 1}: response {j + 1} needs text (string), num_tokens (integer) "
                                 "and finish_reason ('eos' or 'length')")
 
 
-def score_rows(rows: list[dict], indices: list[int], scorer) -> dict[int, list[float]]:
-    """{row index: the scores of its responses} for the rows in `indices`, in one scorer call."""
-    prompts = [rows[i]["prompt"] for i in indices for _ in rows[i]["responses"]]
-    responses = [r["text"] for i in indices for r in rows[i]["responses"]]
-    flat = iter(scorer(prompts, responses) if responses else [])
-    return {i: [next(flat) for _ in rows[i]["responses"]] for i in indices}
+def response_key(prompt, text: str) -> str:
+    return hashlib.sha256(json.dumps([prompt, text], ensure_ascii=False).encode("utf-8")).hexdigest()[:32]
 
 
-def check_scores(rows: list[dict], scores: dict[int, list[float]], path: str) -> None:
-    for i in sorted(scores):
-        for j, value in enumerate(scores[i]):
-            if not math.isfinite(value):
-                raise UserError(f"{path}: row {i + 1}: response {j + 1} got score {value} (prompt: "
-                                f"{json.dumps(rows[i]['prompt'])[:80]}); the reward must be a finite number")
+def reward_key(s: Settings) -> str:
+    """What kept scores were made with: only scores of the same reward are reused."""
+    return json.dumps({"reward_fn": s.reward_fn, "reward_model": model_fingerprint(s.reward_model) if s.reward_model
+                       else "", "text_format": s.text_format, "max_length": s.max_length, "dtype": s.dtype})
+
+
+def kept_scores_dir(out: Path, s: Settings) -> Path:
+    return out / "scores.jsonl.parts" / hashlib.sha256(reward_key(s).encode("utf-8")).hexdigest()[:16]
+
+
+def read_kept_scores(folder: Path) -> dict[str, float]:
+    """{response key: score} from the logs in `folder` (`kept_scores_dir`) of earlier runs."""
+    kept = {}
+    for log in sorted(folder.glob("rank-*.jsonl")):
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a last line cut by a kill
+                continue
+            kept.update(zip(entry["keys"], entry["scores"]))
+    return kept
+
+
+def open_score_log(folder: Path, s: Settings, rank: int):
+    """This process's append-only log of scores in `folder`, beside the reward's key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "run_key.json", reward_key(s))
+    return open(folder / f"rank-{rank:05d}.jsonl", "a", encoding="utf-8")
+
+
+def score_rows(rows: list[dict], indices: list[int], scorer, s: Settings, kept: dict[str, float], folder: Path,
+               rank: int) -> dict[int, list[float]]:
+    """{row index: the scores of its responses} for the rows in `indices`. Responses with a score in
+    `kept` are not scored again; the others go to the scorer --batch_size at a time, longest first (a
+    reward model pads less), and each batch's scores, once found finite, are appended to this
+    process's log in `folder`."""
+    keys = {(i, j): response_key(rows[i]["prompt"], r["text"])
+            for i in indices for j, r in enumerate(rows[i]["responses"])}
+    todo = sorted((ij for ij, key in keys.items() if key not in kept),
+                  key=lambda ij: -len(rows[ij[0]]["responses"][ij[1]]["text"]))
+    log = []
+
+    def keep(start: int, scores: list[float]) -> None:
+        batch = todo[start:start + len(scores)]
+        check_scores(rows, [(i, j, v) for (i, j), v in zip(batch, scores)], s.samples)
+        if not log:  # made with the first whole batch: a reward that fails at once leaves nothing behind
+            log.append(open_score_log(folder, s, rank))
+        log[0].write(json.dumps({"keys": [keys[ij] for ij in batch], "scores": scores}) + "\n")
+        log[0].flush()
+        kept.update((keys[ij], v) for ij, v in zip(batch, scores))
+
+    try:
+        score_batches(scorer, [rows[i]["prompt"] for i, _ in todo], [rows[i]["responses"][j]["text"] for i, j in todo],
+                      s.batch_size, keep, kept=f"the scores before it are kept in {folder.parent} for the next run")
+    finally:
+        for f in log:
+            f.close()
+    return {i: [kept[keys[(i, j)]] for j in range(len(rows[i]["responses"]))] for i in indices}
+
+
+def check_scores(rows: list[dict], scores: list[tuple[int, int, float]], path: str) -> None:
+    """Every (row index, response index, score) has a finite score; the first that has not is named."""
+    for i, j, value in sorted(scores, key=lambda e: e[:2]):
+        if not math.isfinite(value):
+            raise UserError(f"{path}: row {i + 1}: response {j + 1} got score {value} (prompt: "
+                            f"{json.dumps(rows[i]['prompt'])[:80]}); the reward must be a finite number")
 
 
 def ranking_score(response: dict, s: Settings) -> float:
@@ -123,7 +191,7 @@ def candidate_pairs(usable: list[dict], index: int, s: Settings) -> list[tuple[d
 def make_pairs(row: dict, index: int, s: Settings) -> tuple[list[dict], dict[str, int]]:
     """The pairs of one prompt (row `index` of the samples) and what was dropped, by reason: "tie" and
     "below_margin" count candidate pairs, "fewer_than_two" the prompt."""
-    usable = [r for r in row["responses"] if (s.keep_unfinished or r["finish_reason"] == "eos") and r["text"]]
+    usable = [r for r in row["responses"] if (s.keep_unfinished or r["finish_reason"] == "eos") and r["text"].strip()]
     drops = {"tie": 0, "below_margin": 0, "fewer_than_two": 0}
     if len(usable) < 2:
         drops["fewer_than_two"] = 1
@@ -185,7 +253,7 @@ def label_stats(rows: list[dict], pairs: list[dict], drops: dict[str, int], sett
         "dropped_below_margin": drops["below_margin"],
         "dropped_fewer_than_two_usable": drops["fewer_than_two"],
         "dropped_unfinished": 0 if settings.keep_unfinished else sum(r["finish_reason"] == "length" for r in responses),
-        "dropped_empty": sum(not r["text"] for r in responses),
+        "dropped_empty": sum(not r["text"].strip() for r in responses),
         "mean_length_gap": sum(gaps) / len(gaps) if gaps else None,
         "share_chosen_longer": sum(g > 0 for g in gaps) / len(gaps) if gaps else None,
         "share_chosen_shorter": sum(g < 0 for g in gaps) / len(gaps) if gaps else None,
@@ -205,24 +273,30 @@ def main(s: Settings) -> dict | None:
     if all((out / n).is_file() for n in names):
         print(f"{out} already holds {', '.join(names)}; nothing to do (remove them to label again)")
         return None
-    if s.batch_size < 1 or s.max_length < 0:
-        raise UserError("--batch_size must be >= 1 and --max_length >= 0")
+    if s.batch_size < 1 or s.max_length < 0 or s.min_margin < 0:
+        raise UserError("--batch_size must be >= 1, --max_length and --min_margin >= 0")
     check_pair_settings(s)
-    rows = read_jsonl(s.samples, required={"prompt": (str, list), "responses": list})
+    check_output_path(out, "--output_dir", directory=True)
+    rows = read_jsonl(s.samples, required={"prompt": PROMPT, "responses": list})
     check_rows(rows, s.samples)
     d = setup_distributed()
     scorer = load_scorer(s.reward_fn, s.reward_model, d.device, inference_dtype(s.dtype, d.device), s.batch_size,
                          s.max_length, s.text_format, s.trust_remote_code, flag="reward")
+    folder = kept_scores_dir(out, s)
+    kept = read_kept_scores(folder)
+    if kept and d.is_main:
+        print(f"label: reusing {len(kept)} scores of an earlier run of this reward, kept in {folder}")
+    barrier(d)  # every process has read the logs before any appends to them
     scores = {}
-    for part in all_gather_objects(d, score_rows(rows, list(range(d.rank, len(rows), d.world_size)), scorer)):
+    for part in all_gather_objects(d, score_rows(rows, list(range(d.rank, len(rows), d.world_size)), scorer, s, kept,
+                                                 folder, d.rank)):
         scores.update(part)
-    check_scores(rows, scores, s.samples)
     rows = [{**row, "responses": [{**r, "score": v} for r, v in zip(row["responses"], scores[i])]}
             for i, row in enumerate(rows)]
     pairs, drops = [], {"tie": 0, "below_margin": 0, "fewer_than_two": 0}
     for i, row in enumerate(rows):
-        kept, dropped = make_pairs(row, i, s)
-        pairs += kept
+        row_pairs, dropped = make_pairs(row, i, s)
+        pairs += row_pairs
         drops = {why: drops[why] + dropped[why] for why in drops}
     stats = label_stats(rows, pairs, drops, s)
     if d.is_main:
@@ -234,7 +308,8 @@ def main(s: Settings) -> dict | None:
                         f"--min_margin, {drops['fewer_than_two']} with fewer than two usable responses); "
                         f"see {out / 'label_stats.json'}")
     if d.is_main:
-        write_jsonl(out / "pairs.jsonl", pairs)  # last: its presence means the stage is done
+        write_jsonl(out / "pairs.jsonl", pairs)  # last but the clean-up: its presence means the stage is done
+        shutil.rmtree(folder.parent, ignore_errors=True)
         within = stats["reward_length_correlation_within_prompt"]
         print(f"wrote {out / 'pairs.jsonl'}: {len(pairs)} pairs of {len(rows)} prompts; chosen minus rejected "
               f"length {stats['mean_length_gap']:+.2f} tokens; reward-length correlation within prompt "

@@ -10,27 +10,42 @@
 #
 # A setting comes from the environment, else from the recipe file, else from its default below.
 # Re-running the same command skips finished stages (each writes its output atomically) and resumes
-# an interrupted training stage from its last checkpoint.
+# an interrupted training stage from its last checkpoint. Each iteration records the settings it
+# ran with (RUNS_DIR/NAME/iterK/loop_settings.env); a rerun with other ones is refused.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 KNOWN_KEYS=" DRY_RUN NAME RUNS_DIR NPROC K LOSS LOSS_ARGS REF BASE_MODEL SFT_DATA SFT_DIR SFT_CONFIG DPO_CONFIG PROMPTS EVAL_PROMPTS N TEMPERATURE TOP_P MAX_NEW_TOKENS REWARD GOLD PAIR_RULE EMBEDDED_DIR SEED EXTRA_FLAGS SAMPLE_ARGS LABEL_ARGS EVAL_ARGS "
 
-read_recipe() {  # KEY=VALUE lines; one pair of surrounding quotes is stripped; nothing is evaluated
-  local recipe=$1 lineno=0 line key value
-  [ -f "$recipe" ] || { echo "error: $recipe: recipe file not found" >&2; exit 2; }
+fail() { echo "error: $*" >&2; exit 2; }
+
+# A recipe: KEY=VALUE lines, KEY a known name; a line whose first character is '#' is a comment, and
+# so is the rest of a line from a ' #'. A value may be quoted, "..." or '...', taken as it is to the
+# closing quote ('#' included); nothing is evaluated. A key given twice is an error.
+read_recipe() {
+  local recipe=$1 lineno=0 line key value rest quote
+  local -A first=()
+  [ -f "$recipe" ] || fail "$recipe: recipe file not found"
   while IFS= read -r line || [ -n "$line" ]; do
     lineno=$((lineno + 1))
-    line=${line%%#*}
     line=${line#"${line%%[![:space:]]*}"}
-    line=${line%"${line##*[![:space:]]}"}
-    [ -z "$line" ] && continue
-    case "$line" in
-      *=*) key=${line%%=*}; value=${line#*=} ;;
-      *) echo "error: $recipe:$lineno: expected KEY=VALUE, got: $line" >&2; exit 2 ;;
+    case "$line" in ''|'#'*) continue ;; *=*) ;; *) fail "$recipe:$lineno: expected KEY=VALUE, got: $line" ;; esac
+    key=${line%%=*} value=${line#*=}
+    [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || fail "$recipe:$lineno: '$key' is not a key (letters, digits and _)"
+    case "$KNOWN_KEYS" in *" $key "*) ;; *) fail "$recipe:$lineno: unknown key $key" ;; esac
+    [ -z "${first[$key]-}" ] || fail "$recipe:$lineno: $key given twice (first on line ${first[$key]})"
+    first[$key]=$lineno
+    case "$value" in
+      \"*|\'*)
+        quote=${value:0:1} rest=${value:1}
+        [[ $rest == *"$quote"* ]] || fail "$recipe:$lineno: $key: no closing $quote"
+        value=${rest%%"$quote"*} rest=${rest#*"$quote"}
+        rest=${rest#"${rest%%[![:space:]]*}"}
+        [[ -z $rest || $rest == '#'* ]] || fail "$recipe:$lineno: $key: text after the closing quote: $rest" ;;
+      *)
+        value=${value%%[[:space:]]#*}
+        value=${value%"${value##*[![:space:]]}"} ;;
     esac
-    case "$KNOWN_KEYS" in *" $key "*) ;; *) echo "error: $recipe:$lineno: unknown key $key" >&2; exit 2 ;; esac
-    case "$value" in \"*\") value=${value:1:${#value}-2} ;; \'*\') value=${value:1:${#value}-2} ;; esac
     [ -n "${!key+x}" ] || printf -v "$key" '%s' "$value"  # the environment wins over the file
   done < "$recipe"
 }
@@ -65,8 +80,12 @@ read_recipe() {  # KEY=VALUE lines; one pair of surrounding quotes is stripped; 
 : "${SAMPLE_ARGS:=}" "${LABEL_ARGS:=}" "${EVAL_ARGS:=}"  # extra flags of one stage, split on spaces
 : "${DRY_RUN:=}"
 
-case "$REF" in previous|initial) ;; *) echo "error: REF must be 'previous' or 'initial', got '$REF'" >&2; exit 2 ;; esac
-case "$K$NPROC$N$SEED" in *[!0-9]*) echo "error: K, NPROC, N and SEED must be non-negative integers" >&2; exit 2 ;; esac
+case "$REF" in previous|initial) ;; *) fail "REF must be 'previous' or 'initial', got '$REF'" ;; esac
+for key in K NPROC N SEED; do  # bash arithmetic would read 010 as octal 8
+  [[ ${!key} =~ ^(0|[1-9][0-9]{0,8})$ ]] || fail "$key=${!key}: need a whole number (digits, no leading 0)"
+done
+[ "$NPROC" -ge 1 ] || fail "NPROC=$NPROC: need at least one process"
+[ "$N" -ge 2 ] || fail "N=$N: need at least two responses per prompt to make a pair"
 read -r -a loss_args <<< "$LOSS_ARGS"
 read -r -a extra_flags <<< "$EXTRA_FLAGS"
 read -r -a sample_args <<< "$SAMPLE_ARGS"
@@ -89,6 +108,31 @@ stage() {  # one stage = one torchrun call (plain python for one process), the s
 }
 run_dir=$RUNS_DIR/$NAME
 
+# What an iteration's results depend on (not NAME, RUNS_DIR, NPROC, K, DRY_RUN): recorded in each
+# iteration's directory when it starts; a rerun with other values would mix them in one summary.
+RECORDED_KEYS="LOSS LOSS_ARGS REF EMBEDDED_DIR BASE_MODEL SFT_DATA SFT_DIR SFT_CONFIG DPO_CONFIG PROMPTS EVAL_PROMPTS N
+  TEMPERATURE TOP_P MAX_NEW_TOKENS REWARD GOLD SEED EXTRA_FLAGS SAMPLE_ARGS LABEL_ARGS EVAL_ARGS"
+record=$(for key in $RECORDED_KEYS; do printf '%s=%q\n' "$key" "${!key}"; done)
+check_recorded() {  # refuse to go on in an iteration directory that recorded other settings
+  local file=$1/loop_settings.env line key now changed=""
+  local -A before=()
+  [ -f "$file" ] || return 0
+  while IFS= read -r line; do before[${line%%=*}]=${line#*=}; done < "$file"
+  for key in $RECORDED_KEYS; do
+    now=$(printf '%q' "${!key}")
+    [ "${before[$key]-}" = "$now" ] || changed+="; $key=${before[$key]-(unset)}, now $now"
+  done
+  [ -z "$changed" ] || fail "$file: made with other settings (${changed#; }); rerun with those, or use another NAME"
+}
+record_settings() {  # iteration directory
+  check_recorded "$1"
+  [ -z "$DRY_RUN" ] && [ ! -f "$1/loop_settings.env" ] || return 0
+  mkdir -p "$1"
+  printf '%s\n' "$record" > "$1/.loop_settings.env.$$.tmp"
+  mv "$1/.loop_settings.env.$$.tmp" "$1/loop_settings.env"
+}
+for k in $(seq 0 "$K"); do check_recorded "$run_dir/iter$k"; done  # before any stage runs
+
 # The embedded default's data, generated once from a seed.
 if [ "$BASE_MODEL" = "$EMBEDDED_DIR/init_model" ] && [ ! -e "$EMBEDDED_DIR/eval.jsonl" ]; then
   log "embedded default: generating task data, tokenizer and tiny model in $EMBEDDED_DIR"
@@ -109,6 +153,7 @@ fi
 policy=$start_model
 for k in $(seq 1 "$K"); do
   it=$run_dir/iter$k
+  record_settings "$it"
   if [ ! -e "$it/samples.jsonl" ]; then
     log "iter $k: sample $N per prompt from $policy"
     stage sample.py --model "$policy" --prompts "$PROMPTS" --output "$it/samples.jsonl" --num_responses "$N" \
@@ -131,7 +176,7 @@ done
 
 # Evaluation of iteration 0 (the starting model) and of every iteration, against the same SFT samples.
 for k in $(seq 0 "$K"); do
-  if [ "$k" -eq 0 ]; then model=$start_model; else model=$run_dir/iter$k/model; fi
+  if [ "$k" -eq 0 ]; then model=$start_model; record_settings "$run_dir/iter0"; else model=$run_dir/iter$k/model; fi
   if [ ! -e "$run_dir/iter$k/eval/eval.json" ]; then
     log "evaluate iteration $k"
     stage evaluate.py --model "$model" --sft_model "$start_model" --prompts "$EVAL_PROMPTS" \

@@ -26,6 +26,7 @@ after success does nothing. --engine vllm samples with vLLM instead (one process
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -34,10 +35,11 @@ from pathlib import Path
 
 from brevity.config import UserError, run_main, setting
 from brevity.dist import all_gather_objects, barrier, cleanup_distributed, setup_distributed
-from brevity.files import TEXT_OR_CHAT, atomic_write_text, load_rows, read_jsonl, save_settings, write_jsonl
+from brevity.files import (PROMPT, atomic_write_text, check_output_path, load_rows, read_json, read_jsonl,
+                           rows_fingerprint, save_settings, write_jsonl)
 from brevity.generation import (GenerationSettings, check_generation_settings, generate_responses, response_seed,
                                 sampling_key)
-from brevity.models import check_model_dir, inference_dtype, load_model, load_tokenizer
+from brevity.models import check_model_dir, inference_dtype, load_model, load_tokenizer, model_fingerprint
 from brevity.tokens import encode_prompts
 
 RESPONSE_FIELDS = ("text", "num_tokens", "finish_reason")
@@ -64,10 +66,13 @@ def check_settings(s: Settings) -> None:
         raise UserError("--n must be >= 1; --save_every and --max_prompt_length >= 0")
 
 
-def run_key(s: Settings) -> str:
-    """What a saved part must have been made with to be reused (not batch size or engine layout)."""
-    keep = ("model", "prompts", "n", "max_prompt_length", "engine")
-    return json.dumps({**{k: getattr(s, k) for k in keep}, **sampling_key(s)}, sort_keys=True)
+def run_key(s: Settings, prompts: list) -> str:
+    """What a saved part must have been made with to be reused: the same prompts (their contents, not
+    the file's name), the same model files, the same sampling settings (not batch size or engine layout)."""
+    model = hashlib.sha256(model_fingerprint(s.model).encode("utf-8")).hexdigest()
+    return json.dumps({"model": s.model, "model_files": model, "prompts": rows_fingerprint(prompts),
+                       **{k: getattr(s, k) for k in ("n", "max_prompt_length", "engine")}, **sampling_key(s)},
+                      sort_keys=True)
 
 
 def parts_dir(output: str) -> Path:
@@ -80,8 +85,10 @@ def read_parts(folder: Path, key: str) -> dict[int, list[dict]]:
         return {}
     saved_key = folder / "run_key.json"
     if saved_key.is_file() and saved_key.read_text(encoding="utf-8") != key:
-        raise UserError(f"{folder}: progress of a run with other settings ({saved_key.read_text(encoding='utf-8')}); "
-                        "remove it, or rerun with those settings")
+        saved, now = read_json(saved_key), json.loads(key)
+        changed = [k for k in now if not isinstance(saved, dict) or saved.get(k) != now[k]]
+        raise UserError(f"{folder}: progress of a run with other settings ({', '.join(changed)}); remove it, or rerun "
+                        "with those settings")
     done = {}
     for part in sorted(folder.glob("part-*.jsonl")):
         for row in read_jsonl(part):
@@ -89,8 +96,11 @@ def read_parts(folder: Path, key: str) -> dict[int, list[dict]]:
     return done
 
 
-def write_part(folder: Path, results: dict[int, list[dict]]) -> None:
-    """One progress file, named by its first prompt index (unique: that prompt is in no other part)."""
+def write_part(folder: Path, key: str, results: dict[int, list[dict]]) -> None:
+    """One progress file, named by its first prompt index (unique: that prompt is in no other part);
+    the first one brings the run's key (made only now, so a run that fails to start writes nothing)."""
+    if not (folder / "run_key.json").is_file():
+        atomic_write_text(folder / "run_key.json", key)
     first = min(results)
     write_jsonl(folder / f"part-{first:09d}.jsonl", [{"index": i, "responses": r} for i, r in sorted(results.items())])
 
@@ -155,42 +165,45 @@ def assemble(rows: list[dict], results: dict[int, list[dict]]) -> list[dict]:
     return [{**row, "responses": results[i]} for i, row in enumerate(rows)]
 
 
-def output_complete(path: Path, n_prompts: int) -> bool:
+def output_complete(path: Path, rows: list[dict]) -> bool:
+    """Whether `path` holds the samples of these prompts (another prompts file's is an error)."""
     if not path.is_file():
         return False
-    lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    if lines != n_prompts:
-        raise UserError(f"{path}: holds {lines} rows but the prompts file has {n_prompts}; remove it to sample again")
+    done = read_jsonl(path)
+    if len(done) != len(rows):
+        raise UserError(f"{path}: holds {len(done)} rows but the prompts file has {len(rows)}; remove it to sample "
+                        "again")
+    if any(old.get("prompt") != row["prompt"] for old, row in zip(done, rows)):
+        raise UserError(f"{path}: holds samples of other prompts than the prompts file; remove it to sample again")
     return True
 
 
 def main(s: Settings) -> None:
     check_settings(s)
-    rows = load_rows(s.prompts, required={"prompt": TEXT_OR_CHAT})
     output = Path(s.output)
-    if output_complete(output, len(rows)):
+    check_output_path(output, "--output", directory=False)
+    check_output_path(parts_dir(s.output), "--output", directory=True)  # its progress folder
+    rows = load_rows(s.prompts, required={"prompt": PROMPT})
+    if output_complete(output, rows):
         print(f"{output} is complete; nothing to do (remove it to sample again)")
         if os.environ.get("RANK", "0") == "0":  # progress files a kill left right after the output was written
             shutil.rmtree(parts_dir(s.output), ignore_errors=True)
         return
     check_model_dir(s.model)  # before anything is written
     d = setup_distributed()
-    folder, key = parts_dir(s.output), run_key(s)
+    folder, key = parts_dir(s.output), run_key(s, [r["prompt"] for r in rows])
     done = read_parts(folder, key)
     barrier(d)  # every process has read the parts before any writes new ones
     if d.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "run_key.json", key)
         print(f"sample: {len(rows)} prompts x {s.n} from {s.model} on {d.world_size} process(es)"
               + (f"; {len(done)} already done in {folder}" if done else ""))
-    barrier(d)
     todo = [i for i in range(len(rows)) if i not in done]
     mine = todo[d.rank::d.world_size]
     new = {}
 
     def on_part(results):
         if s.save_every:
-            write_part(folder, results)
+            write_part(folder, key, results)
         new.update(results)
 
     if mine:

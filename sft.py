@@ -17,7 +17,8 @@ import torch
 
 from brevity.batches import micro_batches
 from brevity.config import UserError, run_main, setting
-from brevity.files import TEXT_OR_CHAT, field_problem, load_rows, require_input
+from brevity.files import (PROMPT, RESPONSE, chat_problem, check_fields, field_problem, load_rows, require_input,
+                           rows_fingerprint)
 from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
 from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer
 from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length
@@ -38,24 +39,20 @@ class Settings(TrainSettings):
 
 
 def prompt_and_response(row: dict, where: str):
-    """(prompt, response) of a row: prompt + response, or the messages of a chat split before its last one.
-    An empty response is an error: trained on, it would teach the model to stop at once."""
+    """(prompt, response) of a row: prompt + response, or the messages of a chat split before its last
+    one, the assistant's. What a valid prompt and response are is brevity.files' rule (a blank
+    response would teach the model to stop at once)."""
     if "messages" in row:
+        if "prompt" in row or "response" in row:
+            raise UserError(f"{where}: has messages and also prompt or response; give one or the other")
         messages = row["messages"]
-        if (field_problem(messages, TEXT_OR_CHAT) or isinstance(messages, str) or len(messages) < 2
-                or messages[-1]["role"] != "assistant"):
-            raise UserError(f"{where}: messages must be two or more {{role, content}} ending with the assistant's")
-        prompt, response = messages[:-1], messages[-1]["content"]
-    elif "prompt" in row and "response" in row:
-        for field, types in (("prompt", TEXT_OR_CHAT), ("response", str)):
-            if problem := field_problem(row[field], types):
-                raise UserError(f"{where}: field {field!r} {problem}")
-        prompt, response = row["prompt"], row["response"]
-    else:
-        raise UserError(f"{where}: needs prompt and response (strings), or messages (a list of chat messages)")
-    if not response:
-        raise UserError(f"{where}: empty response")
-    return prompt, response
+        if problem := field_problem(messages, list) or chat_problem(messages, "assistant"):
+            raise UserError(f"{where}: field 'messages' {problem}")
+        return messages[:-1], messages[-1]["content"]
+    if "prompt" in row and "response" in row:
+        check_fields(row, {"prompt": PROMPT, "response": RESPONSE}, where)
+        return row["prompt"], row["response"]
+    raise UserError(f"{where}: needs prompt and response (strings), or messages (a list of chat messages)")
 
 
 def encode_examples(rows: list[dict], tokenizer, s: Settings) -> tuple[list[tuple], dict]:
@@ -117,8 +114,9 @@ def main(s: Settings) -> torch.nn.Module | None:
     d = run.d
 
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
-    examples, stats = encode_examples(load_rows(s.data), tokenizer, s)
-    run.plan(len(examples), stats, describe(stats, s), s)
+    rows = load_rows(s.data)
+    examples, stats = encode_examples(rows, tokenizer, s)
+    run.plan(len(examples), stats, describe(stats, s), s, data_hash=rows_fingerprint(rows))
 
     policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
                          s.activation_checkpointing)

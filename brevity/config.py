@@ -1,11 +1,12 @@
-"""Settings: a dataclass per script, `--config file.yaml` first, then flags. Strict: an unknown key
-or a value of the wrong type is an error naming the file and key. Bad user input anywhere raises
-`UserError`, with the file and line or field in the message; `run_main` turns it into one line on
-stderr and exit code 2.
+"""Settings: a dataclass per script, `--config file.yaml` first, then flags. Strict: an unknown key,
+a key given twice, a value of the wrong type or a float setting that is not a finite number is an
+error naming the file and key or the flag. Bad user input anywhere raises `UserError`, with the file
+and line or field in the message; `run_main` turns it into one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -58,14 +59,62 @@ def _check_type(value, hint) -> bool:
     return True  # lists and other containers: argparse converts them
 
 
-def load_config(path: str, settings_classes) -> dict:
-    """Read a YAML config and check every key and value type against the settings dataclasses."""
+def has_lone_surrogate(value) -> bool:
+    """Whether a string in `value` (lists and dicts nested, keys included) holds a lone surrogate, as
+    a JSON or YAML escape like "\\ud800" can make: not text, it fails when tokenized or written out."""
+    stack, seen = [value], set()  # a loop, not recursion: any depth; `seen`: YAML aliases can make cycles
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(v, (dict, list)) and id(v) not in seen:
+            seen.add(id(v))
+            stack += [*v.keys(), *v.values()] if isinstance(v, dict) else v
+    return False
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (SafeLoader keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                if key.value in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key.value!r} given twice (first on line {first[key.value] + 1})",
+                        key.start_mark)
+                first[key.value] = key.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str):
+    """The data of a YAML file (safe types only); a bad file is a UserError naming it and the line."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"{path}: config file not found")
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise UserError(f"{path}:{mark.line + 1}: not valid YAML: {e.problem or e.context}")
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}")
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML: nested too deeply")
+    except ValueError as e:  # an integer of thousands of digits
+        raise UserError(f"{path}: not valid YAML: {str(e).split(';')[0]}")
+    if has_lone_surrogate(data):
+        raise UserError(f"{path}: a string holds a lone surrogate escape (like \\ud800), not text")
+    return data
+
+
+def load_config(path: str, settings_classes) -> dict:
+    """Read a YAML config and check every key and value type against the settings dataclasses."""
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping of setting: value")
     hints = {}
@@ -103,9 +152,11 @@ def parse_settings(settings_classes, argv=None):
     for cls in settings_classes:
         hints = typing.get_type_hints(cls)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init}
-        for k, v in values.items():  # YAML writes 2 for 2.0; keep float settings float
+        for k, v in values.items():
             if hints[k] is float and isinstance(v, int) and not isinstance(v, bool):
-                values[k] = float(v)
+                values[k] = v = float(v) if abs(v) < 2**1023 else math.inf  # YAML writes 2 for 2.0
+            if isinstance(v, float) and not math.isfinite(v):  # NaN would pass every range check
+                raise UserError(f"--{k} {v}: not a finite number")
         out.append(cls(**values))
     return tuple(out)
 

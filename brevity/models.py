@@ -4,6 +4,7 @@ safetensors; remote code only when asked for; a model directory is written atomi
 from __future__ import annotations
 
 import gc
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from brevity.config import UserError
-from brevity.files import rmtree
+from brevity.files import respect_umask, rmtree
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -24,8 +25,29 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float16": torch.float16, **DTYPES}[name]
 
 
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a safetensors file (cut short, a damaged header), or None; from its header
+    alone, so it is cheap for any size: the header declares where each tensor ends."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size, header_length = path.stat().st_size, int.from_bytes(f.read(8), "little")
+            if size < 8 or header_length > size - 8:
+                return f"{path.name}: cut short ({size} bytes; not a whole safetensors file)"
+            header = json.loads(f.read(header_length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return f"{path.name}: not found"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"{path.name}: damaged header (not a safetensors file)"
+    if 8 + header_length + end != size:
+        return f"{path.name}: {size} bytes, but its header needs {8 + header_length + end} (cut short or damaged)"
+    return None
+
+
 def check_model_dir(path: str) -> None:
-    """A local model directory must hold a config and safetensors weights."""
+    """A local model directory must hold a config and whole safetensors weights (every shard its
+    index names, none cut short)."""
     p = Path(path)
     if not p.exists():
         return  # a hub id; transformers resolves it (offline here, so it will fail loudly)
@@ -33,8 +55,20 @@ def check_model_dir(path: str) -> None:
         raise UserError(f"{path}: expected a model directory, found a file")
     if not (p / "config.json").exists():
         raise UserError(f"{path}: no config.json, not a Hugging Face model directory")
-    if not any(p.glob("*.safetensors")):
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
         raise UserError(f"{path}: no *.safetensors weights (only safetensors are loaded)")
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index}: damaged (no weight_map)")
+        if missing := sorted(shards - {w.name for w in weights}):
+            raise UserError(f"{path}: {index.name} names {missing[0]}, which is missing")
+    for w in weights:
+        if problem := safetensors_problem(w):
+            raise UserError(f"{path}: {problem}")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -57,16 +91,41 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
     """Load a causal LM (or `model_class`) from safetensors only, in eval mode (dropout off)."""
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+    from transformers.utils import logging
+
     check_model_dir(name_or_path)
     cls = model_class or AutoModelForCausalLM
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its load report lists what is refused below, in many lines
     try:
-        model = cls.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True,
-                                    trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:  # ValueError: e.g. custom code, refused without trust_remote_code
+        model, info = cls.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True,
+                                          trust_remote_code=trust_remote_code, output_loading_info=True)
+    except (OSError, ValueError, SafetensorError) as e:  # ValueError: e.g. custom code, refused without the flag
         hint = ("; it needs its own code, run only with --trust_remote_code (for models you trust)"
                 if "trust_remote_code" in str(e) and not trust_remote_code else "")
         raise UserError(f"{name_or_path}: cannot load model ({(str(e).strip().splitlines() or [''])[0]}){hint}")
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise UserError(f"{name_or_path}: weights of other shapes than its config.json describes") from None
+    finally:
+        logging.set_verbosity(verbosity)
+    # transformers fills a weight the file lacks with random values and drops one the model lacks, with a
+    # warning: a config of another architecture or layer count would train or score a random model
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if missing or unexpected:
+        raise UserError(f"{name_or_path}: the weights do not fit the {type(model).__name__} its config.json describes "
+                        f"({len(missing)} missing{', e.g. ' + missing[0] if missing else ''}; {len(unexpected)} "
+                        f"unexpected{', e.g. ' + unexpected[0] if unexpected else ''})")
     return model.eval()
+
+
+def check_same_vocabulary(tokenizer, name: str, other: str, flag: str, trust_remote_code: bool = False) -> None:
+    """Model `other` (given by `flag`) reads the ids of `tokenizer` (model `name`'s): it must have
+    the same vocabulary, or its log-probs are of other tokens, or of ids past its embedding."""
+    if load_tokenizer(other, trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{flag} {other}: another vocabulary than {name}; it must read the same token ids")
 
 
 def save_hf_model(model, tokenizer, out_dir: str | os.PathLike, state_dict=None, extra_files: dict | None = None) -> None:
@@ -77,7 +136,6 @@ def save_hf_model(model, tokenizer, out_dir: str | os.PathLike, state_dict=None,
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
     try:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -86,6 +144,7 @@ def save_hf_model(model, tokenizer, out_dir: str | os.PathLike, state_dict=None,
                 (tmp / name).write_bytes(content)
             else:
                 (tmp / name).write_text(content, encoding="utf-8")
+        respect_umask(tmp)  # mkdtemp and safetensors make theirs private; the result is an ordinary directory
         if out_dir.exists():  # replace an older copy: move it aside first, so one is always whole
             old = out_dir.with_name(f".{out_dir.name}.old")
             rmtree(old)
@@ -110,6 +169,19 @@ def clean_interrupted_save(out_dir: str | os.PathLike) -> None:
     rmtree(old)
     for tmp in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
         rmtree(tmp)
+
+
+def model_fingerprint(path: str) -> str:
+    """config.json and the name, size and mtime of each weights file; a hub id stands for itself.
+    What a cache or a resume point made with a model compares, to know the model is the same."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    parts = [(p / "config.json").read_text(encoding="utf-8") if (p / "config.json").exists() else ""]
+    for f in sorted(p.glob("*.safetensors")):
+        st = f.stat()
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
 
 
 def final_model_exists(out_dir: str | os.PathLike) -> bool:

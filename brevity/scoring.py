@@ -1,10 +1,12 @@
 """Scoring: a reward or gold scorer is a Python function or a sequence-classification reward model,
-both called as `scorer(prompts, responses) -> list[float]` (label.py and evaluate.py).
+both called as `scorer(prompts, responses) -> list[float]` (label.py and evaluate.py), a batch at
+a time (`score_batches`). A function's scores are checked: n real numbers, not strings or bools.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -22,10 +24,10 @@ def load_function(spec: str, what: str):
     module_name, _, name = spec.rpartition(":")
     if not module_name or not name:
         raise UserError(f"{what} {spec!r}: expected module:function")
+    if module_name.endswith(".py") and not Path(module_name).is_file():
+        raise UserError(f"{what} {spec!r}: {module_name} not found")
     try:
         if module_name.endswith(".py"):
-            if not Path(module_name).is_file():
-                raise UserError(f"{what} {spec!r}: {module_name} not found")
             loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
@@ -36,10 +38,55 @@ def load_function(spec: str, what: str):
             module = importlib.import_module(module_name)
     except ImportError as e:
         raise UserError(f"{what} {spec!r}: cannot import {module_name} ({e})")
+    except SyntaxError as e:
+        raise UserError(f"{what} {spec!r}: {e.filename}:{e.lineno}: {e.msg}")
+    except Exception as e:  # the module's own code failed while it was imported
+        raise UserError(f"{what} {spec!r}: importing {module_name} raised {_one_line(e)}")
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(f"{what} {spec!r}: {module_name} has no function {name!r}")
     return fn
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def as_scores(values, n: int, name: str) -> list[float]:
+    """A scorer's return value as n floats: a list, tuple, NumPy array or tensor of n real numbers.
+    None, a single number, a numeric string or a bool is refused, not converted (float() takes "3" and True)."""
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # an array or a tensor
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise UserError(f"{name}: returned {type(values).__name__} {str(values)[:40]}, not a list of {n} scores")
+    if len(values) != n:
+        raise UserError(f"{name}: returned {len(values)} scores for {n} responses")
+    for k, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise UserError(f"{name}: score {k + 1} of a batch is {v!r} ({type(v).__name__}), not a number")
+    try:
+        return [float(v) for v in values]
+    except OverflowError:  # an integer past the float range
+        raise UserError(f"{name}: a score is too large for a float") from None
+
+
+def score_batches(scorer, prompts: list, responses: list[str], batch_size: int, on_batch=None,
+                  kept: str = "") -> list[float]:
+    """`scorer` on `batch_size` responses at a time; `on_batch(start, scores)` after each. A function
+    that raises or returns something else than scores is a UserError naming it, the batch and, if
+    there were batches before it, `kept` (what became of their scores)."""
+    scores, batches = [], -(-len(responses) // batch_size)
+    for start in range(0, len(responses), batch_size):
+        end = min(start + batch_size, len(responses))
+        try:
+            batch = scorer(prompts[start:end], responses[start:end])
+        except UserError as e:  # a function that raised, or returned something else than scores
+            where = f"batch {start // batch_size + 1} of {batches}, responses {start + 1}-{end}"
+            raise UserError(f"{e}; in {where}" + (f"; {kept}" if kept and start else "")) from None
+        if on_batch:
+            on_batch(start, batch)
+        scores += batch
+    return scores
 
 
 class RewardModel:
@@ -115,15 +162,13 @@ def load_scorer(reward_fn: str, reward_model: str, device: torch.device, dtype: 
         raise UserError(f"give exactly one of --{flag}_fn module:function and --{flag}_model DIR_OR_HUB_ID")
     if reward_model:
         return RewardModel(reward_model, device, dtype, batch_size, max_length, text_format, trust_remote_code)
-    fn = load_function(reward_fn, f"--{flag}_fn")
+    fn, name = load_function(reward_fn, f"--{flag}_fn"), f"--{flag}_fn {reward_fn}"
 
     def score(prompts: list, responses: list[str]) -> list[float]:
-        values = list(fn([prompt_user_text(p) for p in prompts], list(responses)))
-        if len(values) != len(responses):
-            raise UserError(f"--{flag}_fn {reward_fn}: returned {len(values)} scores for {len(responses)} responses")
         try:
-            return [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise UserError(f"--{flag}_fn {reward_fn}: returned a score that is not a number") from None
+            values = fn([prompt_user_text(p) for p in prompts], list(responses))
+        except Exception as e:  # the user's function failed: name it, not our stack
+            raise UserError(f"{name} raised {_one_line(e)}") from None
+        return as_scores(values, len(responses), name)
 
     return score

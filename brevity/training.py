@@ -16,11 +16,14 @@ from pathlib import Path
 import torch
 
 from brevity.batches import global_batches
-from brevity.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model
+from brevity.checkpoints import (latest_checkpoint, load_checkpoint, lock_output_dir, released_on_error,
+                                 resume_checkpoint, save_checkpoint, save_final_model, unlock_output_dir)
 from brevity.config import UserError, setting
 from brevity.dist import Dist, all_reduce_sum, cleanup_distributed, setup_distributed
-from brevity.files import atomic_write_text, rmtree, save_settings
+from brevity.files import atomic_write_text, check_output_path, read_json, rmtree, save_settings
 from brevity.models import clean_interrupted_save, final_model_exists
+
+RUN_FILES = ("settings.json", "metrics.jsonl", "data_stats.json", "summary.json")  # carried into the final model
 
 
 @dataclasses.dataclass
@@ -50,8 +53,8 @@ class TrainSettings:
                                               "its example")
     bucket_batches: int = setting(32, "length bucketing: a shuffled epoch is sorted by length within windows of "
                                       "this many batches, then the batches are shuffled; 1: within a batch only")
-    save_every: int = setting(200, "write a resumable checkpoint every this many steps (only the last is kept); "
-                                   "0: never")
+    save_every: int = setting(200, "write a resumable checkpoint every this many steps (the last two whole ones "
+                                   "are kept); 0: never")
     dtype: typing.Literal["float32", "bfloat16"] = setting(
         "float32", "parameter dtype, also of the saved model; on GPU the compute runs in bfloat16 either way")
     activation_checkpointing: bool = setting(True, "recompute each decoder layer in backward: less memory for "
@@ -72,6 +75,14 @@ def check_train_settings(s: TrainSettings, d: Dist) -> None:
         raise UserError(f"need 0 < --max_prompt_length ({s.max_prompt_length}) < --max_length ({s.max_length})")
     if s.epochs < 1 and s.max_steps < 1:
         raise UserError("need --epochs >= 1 or --max_steps >= 1")
+    if not (s.max_steps == -1 or s.max_steps >= 1):
+        raise UserError(f"--max_steps {s.max_steps}: need -1 (as many as --epochs give) or >= 1")
+    for name in ("chunk_size", "bucket_batches"):
+        if getattr(s, name) < 1:
+            raise UserError(f"--{name} {getattr(s, name)}: need >= 1")
+    for name in ("warmup_steps", "save_every"):
+        if getattr(s, name) < 0:
+            raise UserError(f"--{name} {getattr(s, name)}: need >= 0")
     if not 0 < s.lr < 1e30:  # nan and inf too; AdamW's first step, lr / (1 - 0.9), must fit in float32
         raise UserError(f"--lr {s.lr}: need 0 < lr < 1e30")
     if not (0 <= s.weight_decay < math.inf and 0 <= s.max_grad_norm < math.inf):
@@ -164,19 +175,62 @@ def all_reduce_sums(d: Dist, sums: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(sums, total.tolist()))
 
 
-def start_training(s: TrainSettings, script: str, unit: str) -> Run | None:
+def check_run_location(s: TrainSettings) -> None:
+    """The final save replaces output_dir whole (its old contents leave with the old directory), so it
+    must not be the working directory or above it, nor hold an input of the run (--model, --data, ...)."""
+    out, cwd = Path(s.output_dir).resolve(), Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise UserError(f"--output_dir {s.output_dir}: is the working directory or holds it; the final save replaces "
+                        "output_dir whole, so give it a directory of its own")
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if f.name != "output_dir" and isinstance(value, str) and value and Path(value).exists():
+            path = Path(value).resolve()
+            if path == out or out in path.parents:
+                raise UserError(f"--output_dir {s.output_dir}: holds --{f.name} {value}; the final save replaces "
+                                "output_dir whole, so give it a directory of its own")
+
+
+def check_only_run_files(out: Path, script: str, keep: tuple[str, ...]) -> None:
+    """An existing output_dir may hold only what a run of `script` writes there (the final save would
+    delete anything else): its files, checkpoints and hidden temporary ones."""
+    own = {*RUN_FILES, *keep}
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in own
+                     and not (p.is_dir() and p.name.startswith("checkpoint-"))) if out.is_dir() else []
+    if foreign:
+        raise UserError(f"--output_dir {out}: holds {foreign[0]!r}" + (f" and {len(foreign) - 1} more" if foreign[1:]
+                        else "") + f", not of a {script}.py run; the final save replaces output_dir whole, so choose "
+                        "a new or empty directory")
+
+
+def start_training(s: TrainSettings, script: str, unit: str, keep: tuple[str, ...] = ()) -> Run | None:
     """The common start of sft.py and dpo.py: a `Run`, or None when output_dir already holds the final
-    model (a rerun is a no-op). A checkpoint found without --resume is an error rather than silently
-    overwritten; leftovers of an interrupted save go. `unit` names what a batch counts ("pairs")."""
+    model (a rerun is a no-op). Rank 0 locks output_dir first (`lock_output_dir`). A checkpoint found
+    without --resume is an error rather than silently overwritten; with --resume, a damaged one is
+    passed over for the one before it; leftovers of an interrupted save go. `unit` names what a batch
+    counts ("pairs"); `keep` names the script's own files in output_dir, carried into the final model."""
+    out = Path(s.output_dir)
+    check_output_path(out, "--output_dir", directory=True)
+    check_run_location(s)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        lock_output_dir(out, script)
+    with released_on_error(out, rank0):
+        return _start(s, script, unit, keep, out, rank0)
+
+
+def _start(s: TrainSettings, script: str, unit: str, keep: tuple[str, ...], out: Path, rank0: bool) -> Run | None:
     from transformers.utils import logging
 
-    out = Path(s.output_dir)
-    if os.environ.get("RANK", "0") == "0":
+    if rank0:
         clean_interrupted_save(out)
     if final_model_exists(out):
-        if os.environ.get("RANK", "0") == "0":
+        if rank0:
             print(f"{out} already holds the trained model; nothing to do (remove it to train again)")
+            unlock_output_dir(out)
         return None
+    if rank0:
+        check_only_run_files(out, script, keep)
     logging.disable_progress_bar()  # one bar, ours; not transformers' per-file ones
     d = setup_distributed()
     if d.device.type == "cpu":
@@ -185,12 +239,12 @@ def start_training(s: TrainSettings, script: str, unit: str) -> Run | None:
     if d.is_main:
         for tmp in out.glob(".checkpoint-*.tmp"):
             rmtree(tmp)
-    checkpoint = latest_checkpoint(out)
-    if checkpoint and not s.resume:
-        raise UserError(f"{out}: holds {checkpoint.name} of an earlier run; pass --resume to continue it, "
+    if (found := latest_checkpoint(out)) and not s.resume:
+        raise UserError(f"{out}: holds {found.name} of an earlier run; pass --resume to continue it, "
                         "or choose another --output_dir")
+    checkpoint, state = resume_checkpoint(out, d.is_main)
     torch.manual_seed(s.seed)
-    return Run(s, script, unit, d, out, checkpoint)
+    return Run(s, script, unit, d, out, checkpoint, state, keep)
 
 
 @dataclasses.dataclass
@@ -203,6 +257,8 @@ class Run:
     d: Dist
     out: Path
     checkpoint: Path | None
+    state: dict  # the checkpoint's trainer_state.json
+    keep: tuple[str, ...]
     per_epoch: int = 0
     total_steps: int = 0
     start_step: int = 0
@@ -211,10 +267,18 @@ class Run:
     step_began: float = 0.0
     train_began: float = 0.0
     last_row: dict = dataclasses.field(default_factory=dict)
+    data_hash: str = ""
+    settings: tuple = ()
+    stats: dict = dataclasses.field(default_factory=dict)
 
-    def plan(self, n_examples: int, stats: dict, data_line: str, *settings, what: str = "") -> None:
-        """Count the steps for `n_examples` usable examples, and write data_stats.json and the settings
-        (noting, on resume, the settings that changed)."""
+    def plan(self, *args, **kwargs) -> None:
+        with released_on_error(self.out, self.d.is_main):
+            self._plan(*args, **kwargs)
+
+    def _plan(self, n_examples: int, stats: dict, data_line: str, *settings, data_hash: str, what: str = "") -> None:
+        """Count the steps for `n_examples` usable examples and check that the checkpoint to resume
+        from fits them: not past the last step, trained on the same data (`data_hash`, of the rows as
+        read). On resume, note the settings that changed. Nothing is written yet (see `resume`)."""
         if self.d.is_main:
             print(data_line)
         self.per_epoch = n_examples // self.s.batch_size
@@ -222,22 +286,38 @@ class Run:
             raise UserError(f"{self.s.data}: {n_examples} usable examples, fewer than one batch "
                             f"(--batch_size {self.s.batch_size})")
         self.total_steps = self.s.max_steps if self.s.max_steps > 0 else self.s.epochs * self.per_epoch
+        if self.checkpoint:
+            done, trained_on = self.state.get("step", 0), self.state.get("data_sha256", data_hash)
+            if done > self.total_steps:
+                raise UserError(f"{self.checkpoint}: at step {done}, past this run's {self.total_steps} steps "
+                                f"(--max_steps {self.s.max_steps}, --epochs {self.s.epochs}); raise them to continue, "
+                                "or choose another --output_dir")
+            if trained_on != data_hash:
+                raise UserError(f"{self.s.data}: its rows changed since {self.checkpoint} was trained on them; resume "
+                                "with the data it was trained on, or choose another --output_dir")
+        self.data_hash, self.settings, self.stats = data_hash, settings, stats
         if self.d.is_main:
-            merged = {k: v for x in settings for k, v in dataclasses.asdict(x).items()}
             if self.checkpoint:
-                note_changed_settings(self.out, merged)
-            atomic_write_text(self.out / "data_stats.json", json.dumps(stats, indent=1) + "\n")
-            save_settings(self.out, *settings)
+                note_changed_settings(self.out, {k: v for x in settings for k, v in dataclasses.asdict(x).items()})
             print(f"{self.script}: {what}{self.total_steps} steps of {self.s.batch_size} {self.unit} "
                   f"({self.per_epoch} per epoch) on {self.d.world_size} process(es)")
 
     def resume(self, policy, optimizer, reference=None) -> None:
-        """Load the checkpoint to resume from, if any (with the reference, when one changes while training),
-        and open metrics.jsonl from that step on."""
+        with released_on_error(self.out, self.d.is_main):
+            self._resume(policy, optimizer, reference)
+
+    def _resume(self, policy, optimizer, reference=None) -> None:
+        """Load the checkpoint to resume from, if any (with the reference, when one changes while
+        training); then, the run being sure to start, write data_stats.json and settings.json (a run
+        that fails before this leaves the earlier run's as they were) and open metrics.jsonl from the
+        resume step on."""
         if self.checkpoint:
             self.start_step = load_checkpoint(self.checkpoint, policy, optimizer, self.d, reference)["step"]
             if self.d.is_main:
                 print(f"resuming from {self.checkpoint} (step {self.start_step} of {self.total_steps})")
+        if self.d.is_main:
+            atomic_write_text(self.out / "data_stats.json", json.dumps(self.stats, indent=1) + "\n")
+            save_settings(self.out, *self.settings)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.d, resume_step=self.start_step)
 
     def steps(self, lengths: list[int]):
@@ -269,7 +349,8 @@ class Run:
         last = (f"The last good checkpoint (step {int(ckpt.name[11:])}) is in {ckpt}; resume from it with --resume "
                 "and a lower --lr, or check the data" if ckpt else
                 "No checkpoint was written yet (see --save_every); lower --lr or check the data")
-        raise UserError(f"{self.script}.py: step {step + 1}: {name} is {value}; stopping. {last}")
+        with released_on_error(self.out, self.d.is_main):
+            raise UserError(f"{self.script}.py: step {step + 1}: {name} is {value}; stopping. {last}")
 
     def log_step(self, step: int, batch: list[int], values: dict, policy, optimizer, reference=None) -> None:
         """Append step `step`'s metrics row and write a checkpoint every --save_every steps (with the
@@ -281,11 +362,11 @@ class Run:
         self.bar.update()
         self.bar.set_postfix(loss=f"{values['loss']:.4f}")
         if self.s.save_every and (step + 1) % self.s.save_every == 0 and step + 1 < self.total_steps:
-            save_checkpoint(self.out, step + 1, policy, optimizer, self.d, {"total_steps": self.total_steps},
-                            reference)
+            save_checkpoint(self.out, step + 1, policy, optimizer, self.d,
+                            {"total_steps": self.total_steps, "data_sha256": self.data_hash}, reference)
 
-    def finish(self, policy, tokenizer, summary: dict | None = None, keep: tuple[str, ...] = ()) -> None:
-        """Write summary.json, then the final model (atomic, carrying the run's small files)."""
+    def finish(self, policy, tokenizer, summary: dict | None = None) -> None:
+        """Write summary.json, then the final model (atomic, carrying the run's small files); unlock."""
         seconds = time.time() - self.train_began
         if self.d.is_main:
             done = self.total_steps - self.start_step
@@ -295,10 +376,10 @@ class Run:
                 f"{self.unit}_per_s": done * self.s.batch_size / max(seconds, 1e-9),
                 "peak_memory_gib": peak_memory_gib(self.d), "processes": self.d.world_size,
                 "last_step": self.last_row}, indent=1) + "\n")
-        save_final_model(policy, tokenizer, self.out, self.d,
-                         keep=("settings.json", "metrics.jsonl", "data_stats.json", "summary.json", *keep))
+        save_final_model(policy, tokenizer, self.out, self.d, keep=(*RUN_FILES, *self.keep))
         if self.d.is_main:
             print(f"saved {self.out}" + (f"; last step: loss {self.last_row['loss']:.4f}" if self.last_row else ""))
+            unlock_output_dir(self.out)
         cleanup_distributed()
 
 
@@ -307,7 +388,7 @@ def note_changed_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / "settings.json"
     if not path.exists():
         return
-    before = json.loads(path.read_text(encoding="utf-8"))
+    before = read_json(path)
     changed = [f"{k}: {before[k]!r} -> {v!r}" for k, v in settings.items() if k in before and before[k] != v
                and k != "resume"]
     if changed:

@@ -55,7 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the brevity package sits one level up
 from brevity.config import UserError, run_main, setting  # noqa: E402
-from brevity.files import save_settings  # noqa: E402
+from brevity.files import respect_umask, save_settings  # noqa: E402
 from brevity.models import clean_interrupted_save, load_tokenizer  # noqa: E402
 
 TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them makes a tokenizer
@@ -394,7 +394,6 @@ def main(s: Settings) -> Path:
         raise UserError(f"{out.parent}: {free / 1e9:.1f} GB free, the converted weights need {need / 1e9:.1f} GB")
 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
     try:
         copied, tok = copy_tokenizer(Path(s.tokenizer) if s.tokenizer else ckpt, tmp)
         if len(tok) > config.vocab_size:
@@ -421,6 +420,7 @@ def main(s: Settings) -> Path:
         save_settings(tmp, dataclasses.replace(s, prefix_map=prefix_spec, pad_token_id=config.pad_token_id))
         for f in tmp.iterdir():
             fsync_file(f)
+        respect_umask(tmp)  # mkdtemp and safetensors make theirs private; the result is an ordinary directory
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

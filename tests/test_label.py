@@ -48,11 +48,11 @@ SAMPLES = [
 @pytest.fixture
 def reward_module(tmp_path, monkeypatch) -> str:
     """A reward module on sys.path: `length` pays one per word, `constant` ties everything, `broken` is NaN
-    on the second response it sees."""
+    for the response "red" (row 2's second)."""
     (tmp_path / "toy_rewards.py").write_text(
         "def length(prompts, responses):\n    return [float(len(r.split())) for r in responses]\n"
         "def constant(prompts, responses):\n    return [1.0 for _ in responses]\n"
-        "def broken(prompts, responses):\n    return [float('nan') if i == 4 else 0.0 for i in range(len(responses))]\n"
+        "def broken(prompts, responses):\n    return [float('nan') if r == 'red' else 0.0 for r in responses]\n"
         "def seen(prompts, responses):\n    seen.calls.append(list(prompts))\n"
         "    return [float(i) for i in range(len(responses))]\n"
         "seen.calls = []\n", encoding="utf-8")
@@ -134,8 +134,9 @@ def test_reward_function_by_module_path_pairs_best_with_worst(tmp_path, reward_m
 
 def test_reward_function_gets_the_user_prompt_text(tmp_path, reward_module):
     run_label(tmp_path, reward_fn=f"{reward_module}:seen")
-    calls = sys.modules[reward_module].seen.calls
-    assert calls == [["list two fruits"] * 3 + ["name three colors"] * 3 + ["give two colors"] * 2]
+    calls = sys.modules[reward_module].seen.calls  # one call (8 responses, --batch_size 16), longest first
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(["list two fruits"] * 3 + ["name three colors"] * 3
+                                                          + ["give two colors"] * 2)
 
 
 def test_reward_function_from_a_file_path(tmp_path, reward_module):

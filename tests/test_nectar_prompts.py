@@ -66,7 +66,7 @@ def test_cli_on_a_local_file_writes_what_sample_reads(tmp_path):
            "--out_dir", str(out), "--max_turns", "0", "--num_prompts", "2", "--seed", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr
-    rows = files.load_rows(str(out / "prompts.jsonl"), {"prompt": files.TEXT_OR_CHAT})
+    rows = files.load_rows(str(out / "prompts.jsonl"), {"prompt": files.PROMPT})
     assert len(rows) == 2 and [r["nectar_index"] for r in rows] == sorted(r["nectar_index"] for r in rows)
     stats = json.loads((out / "data_stats.json").read_text())
     assert (stats["prompts"], stats["written"]) == (3, 2)

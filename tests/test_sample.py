@@ -146,7 +146,7 @@ def test_parts_of_a_run_with_other_settings_are_an_error(policy_dir, prompts_fil
     out = tmp_path / "s.jsonl"
     folder = sample.parts_dir(str(out))
     folder.mkdir()
-    (folder / "run_key.json").write_text(sample.run_key(sample.Settings(seed=99)), encoding="utf-8")
+    (folder / "run_key.json").write_text(sample.run_key(sample.Settings(seed=99), []), encoding="utf-8")
     with pytest.raises(config.UserError, match="other settings"):
         run_sample(policy_dir, prompts_file, out)
 

@@ -124,8 +124,8 @@ def same_results(stage: str, reference: Path, out: Path) -> None:
 
 def assert_nothing_half_written(folder: Path) -> None:
     """Every file under its final name (no dot-named part in its path) is whole, and so is every
-    checkpoint directory. metrics.jsonl is the one append-only log: its last line may be cut, and
-    the resumed run drops it."""
+    checkpoint directory. metrics.jsonl and label.py's score logs are the append-only ones: the last
+    line may be cut, and the resumed run drops it."""
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts):
@@ -134,12 +134,13 @@ def assert_nothing_half_written(folder: Path) -> None:
             assert {".metadata", "trainer_state.json", "rng_rank0.json"} <= {p.name for p in path.iterdir()}, rel
         elif path.suffix == ".jsonl" and path.stat().st_size:
             text = path.read_text(encoding="utf-8")
-            lines = text.splitlines()[:-1] if path.name == "metrics.jsonl" else text.splitlines()
-            assert path.name == "metrics.jsonl" or text.endswith("\n"), rel
+            append_only = path.name == "metrics.jsonl" or "scores.jsonl.parts" in rel.parts
+            lines = text.splitlines()[:-1] if append_only else text.splitlines()
+            assert append_only or text.endswith("\n"), rel
             for line in lines:
                 json.loads(line)
         elif path.suffix == ".jsonl":
-            assert path.name == "metrics.jsonl", f"{rel} is empty"
+            assert path.name == "metrics.jsonl" or "scores.jsonl.parts" in rel.parts, f"{rel} is empty"
         elif path.suffix == ".json":
             json.loads(path.read_text(encoding="utf-8"))
         elif path.suffix == ".safetensors":
@@ -187,6 +188,7 @@ def test_sigkill_at_a_random_point_then_the_same_command_ends_as_a_run_never_kil
     assert note is None or note in rerun.stdout, f"{where}: expected {note!r} in {rerun.stdout!r}"
     same_results(stage, reference, out)
     # A kill inside a write can leave that write's hidden temporary file; nothing reads it, and any
-    # larger leftover (a model or checkpoint being written) is cleaned up by the rerun.
-    leftovers = [p for p in out.rglob(".*") if p.is_dir() or not p.name.endswith(".tmp")]
+    # larger leftover (a model or checkpoint being written) is cleaned up by the rerun. A kill also
+    # leaves the lock file beside a training output_dir (its lock went with the process).
+    leftovers = [p for p in out.rglob(".*") if p.is_dir() or not p.name.endswith((".tmp", ".lock"))]
     assert not leftovers, f"{where}: {leftovers}"
