@@ -50,7 +50,7 @@ from brevity.generation import GenerationSettings, check_generation_settings, ge
 from brevity.logprobs import SequenceLogps, response_logps
 from brevity.models import inference_dtype, load_model, load_tokenizer, release_memory
 from brevity.scoring import load_function, load_scorer
-from brevity.tokens import encode_prompts, encode_responses, prompt_user_text, response_text
+from brevity.tokens import encode_prompts, encode_responses, padding_id, prompt_user_text, response_text
 
 
 @dataclasses.dataclass
@@ -186,7 +186,7 @@ def model_pass(name: str, s: Settings, d, tokenizer, prompt_ids: list[list[int]]
     if response_ids is None:
         response_ids = [r["token_ids"] for r in responses]
     logps = response_logps(SequenceLogps(model), list(zip(prompt_ids, response_ids)), s.batch_size,
-                           tokenizer.pad_token_id).tolist()
+                           padding_id(tokenizer)).tolist()
     del model
     release_memory()
     return responses, logps

@@ -45,8 +45,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     except Exception as e:  # OSError: no files; ValueError: bad JSON; KeyError etc.: a damaged tokenizer.json
         first = (str(e).strip().splitlines() or [''])[0]
         raise UserError(f"{name_or_path}: cannot load tokenizer ({type(e).__name__}: {first})")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
         raise UserError(f"{name_or_path}: tokenizer has no eos_token; responses could never end")
     return tok

@@ -30,8 +30,9 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py sits one level up
-from common import run_main, setting, write_jsonl  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # brevity/ sits one level up
+from brevity.config import run_main, setting  # noqa: E402
+from brevity.files import write_jsonl  # noqa: E402
 
 CATEGORIES = {
     "fruits": "apple banana cherry grape orange pear peach plum mango kiwi lemon lime strawberry blueberry raspberry "

@@ -39,8 +39,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py sits one level up
-from common import UserError, clean_interrupted_save, run_main, setting  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # brevity/ sits one level up
+from brevity.config import UserError, run_main, setting  # noqa: E402
+from brevity.models import clean_interrupted_save  # noqa: E402
+from brevity.tokens import end_of_turn_ids  # noqa: E402
 
 GGUF_MAGIC = b"GGUF"
 SPECIAL_TOKEN_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
@@ -116,24 +118,6 @@ def check_architecture(path: Path, architecture: str):
             raise UserError(f"{path}: architecture {architecture!r} is not one transformers "
                             f"{transformers.__version__} reads from GGUF")
         raise UserError(f"{path}: cannot read its config ({e})")
-
-
-def assistant_turn_end(tokenizer) -> str:
-    """The text the chat template writes after an assistant message's content (ChatML: "<|im_end|>\\n")."""
-    marker = "\x00ASSISTANT-CONTENT\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-                                         tokenize=False)
-    return text[text.rindex(marker) + len(marker):]
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The special tokens the template ends an assistant turn with, else the tokenizer's EOS."""
-    if not getattr(tokenizer, "chat_template", None):
-        return [tokenizer.eos_token_id]
-    # all_special_ids holds only the named ones (bos, eos, ...); a chat template's own markers are added tokens
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    ids = [i for i in tokenizer(assistant_turn_end(tokenizer), add_special_tokens=False)["input_ids"] if i in special]
-    return ids or [tokenizer.eos_token_id]
 
 
 def file_sha256(path: Path) -> str:

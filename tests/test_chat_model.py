@@ -18,10 +18,9 @@ from transformers import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
-import common  # noqa: E402
+from brevity import generation, models, tokens  # noqa: E402
+from brevity.config import UserError  # noqa: E402
 from conftest import make_model, make_tokenizer, save_model_dir, write_jsonl  # noqa: E402
-
-PHASE2 = pytest.mark.xfail(reason="issue 15: fails until the shared tokenization/generation fixes land", strict=True)
 
 PROMPTS = [
     "What is 2+2?",
@@ -40,7 +39,7 @@ def smollm2_tokenizer():
 
     try:
         path = gguf_to_hf.packaged_gguf()
-    except common.UserError as e:
+    except UserError as e:
         pytest.skip(f"no SmolLM2 GGUF: {e}")
     return gguf_to_hf.read_tokenizer(path)
 
@@ -66,10 +65,10 @@ class ScriptedLlama(torch.nn.Module):
 
 
 def generate_scripted(tokenizer, prompt, script: list[int]) -> dict:
-    prompt_ids = common.encode_prompt(tokenizer, prompt)
+    prompt_ids = tokens.encode_prompts(tokenizer, [prompt])[0]
     model = ScriptedLlama(tokenizer, script, len(prompt_ids))
-    return common.generate_responses(model, tokenizer, [prompt_ids], [0], max_new_tokens=len(script) + 3,
-                                     temperature=0)[0]
+    settings = generation.GenerationSettings(max_new_tokens=len(script) + 3, temperature=0)
+    return generation.generate_responses(model, tokenizer, [prompt_ids], [0], settings)[0]
 
 
 def test_smollm2_prompt_and_response_ids_are_the_templates_conversation_up_to_its_end_of_turn(smollm2_tokenizer):
@@ -79,10 +78,10 @@ def test_smollm2_prompt_and_response_ids_are_the_templates_conversation_up_to_it
     tok = smollm2_tokenizer
     newline = tok("\n", add_special_tokens=False)["input_ids"]
     for prompt in PROMPTS:
-        prompt_ids = common.encode_prompt(tok, prompt)
+        prompt_ids = tokens.encode_prompts(tok, [prompt])[0]
         for response in RESPONSES:
-            ids = prompt_ids + common.encode_response(tok, response)
-            conversation = common.prompt_messages(prompt) + [{"role": "assistant", "content": response}]
+            ids = prompt_ids + tokens.encode_responses(tok, [response])[0]
+            conversation = tokens.prompt_messages(prompt) + [{"role": "assistant", "content": response}]
             rendered = tok(tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
             assert rendered == ids + newline, (prompt, response)
             assert tok.convert_ids_to_tokens(ids[-1]) == "<|im_end|>"
@@ -91,23 +90,21 @@ def test_smollm2_prompt_and_response_ids_are_the_templates_conversation_up_to_it
 def test_smollm2_string_prompt_is_a_user_turn_under_the_default_system_prompt(smollm2_tokenizer):
     """P3: a string prompt is one user message in the chat template (TRL would read it as raw text)."""
     tok = smollm2_tokenizer
-    ids = common.encode_prompt(tok, "What is 2+2?")
-    assert ids == common.encode_prompt(tok, [{"role": "user", "content": "What is 2+2?"}])
+    ids = tokens.encode_prompts(tok, ["What is 2+2?"])[0]
+    assert ids == tokens.encode_prompts(tok, [[{"role": "user", "content": "What is 2+2?"}]])[0]
     assert tok.decode(ids) == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
                                "Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
-@PHASE2
 def test_smollm2_end_of_turn_is_im_end_and_sampling_stops_on_it(smollm2_tokenizer):
     """P7: ChatML ends an assistant turn with <|im_end|> (then "\\n"); that is what responses end with and
     what sampling stops on."""
     tok = smollm2_tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert common.end_of_turn_ids(tok) == [im_end]
-    assert im_end in common.stop_token_ids(make_model(tok), tok)
+    assert tokens.end_of_turn_ids(tok) == [im_end]
+    assert im_end in generation.stop_token_ids(make_model(tok), tok)
 
 
-@PHASE2
 def test_smollm2_special_token_inside_a_response_stays_in_its_text(smollm2_tokenizer):
     """P4: "olive<|im_start|>user ..." is stored as sampled, not as "oliveuser ..."; <|im_end|> ends it."""
     tok = smollm2_tokenizer
@@ -130,17 +127,14 @@ def hand_built_tokenizer():
     return tok
 
 
-@PHASE2
 def test_a_response_ends_with_the_templates_end_of_turn_when_it_is_not_eos():
     """P7: the trained response ends with <|end|>, the token the template writes, not the tokenizer's <eos>."""
     tok = hand_built_tokenizer()
     end = tok.convert_tokens_to_ids("<|end|>")
     assert end != tok.eos_token_id
-    assert common.encode_response(tok, "the cat") == tok("the cat", add_special_tokens=False)["input_ids"] + [end]
-    assert common.encode_responses(tok, ["the cat"])[0][-1] == end
+    assert tokens.encode_responses(tok, ["the cat"])[0] == tok("the cat", add_special_tokens=False)["input_ids"] + [end]
 
 
-@PHASE2
 def test_sampling_stops_on_the_templates_end_of_turn_when_it_is_not_eos():
     """P7: the sampler stops at <|end|> (finish_reason eos), and the stored ids end with it."""
     tok = hand_built_tokenizer()
@@ -150,16 +144,15 @@ def test_sampling_stops_on_the_templates_end_of_turn_when_it_is_not_eos():
     assert row["token_ids"] == words + [end] and row["finish_reason"] == "eos" and row["text"] == "the cat sat"
 
 
-@PHASE2
 def test_a_tokenizer_without_a_pad_token_is_loaded_and_saved_as_it_was(tmp_path):
     """P6: no pad token is invented (pad = eos would change the saved tokenizer_config); padding positions
     are masked, so any id pads them."""
     tok = make_tokenizer()
     tok.pad_token = None
     source = save_model_dir(tmp_path / "model", tok)
-    loaded = common.load_tokenizer(str(source))
+    loaded = models.load_tokenizer(str(source))
     assert loaded.pad_token is None
-    common.save_hf_model(make_model(tok), loaded, tmp_path / "saved")
+    models.save_hf_model(make_model(tok), loaded, tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
     assert config.get("pad_token") == json.loads((source / "tokenizer_config.json").read_text()).get("pad_token")
 
@@ -176,7 +169,6 @@ def non_canonical_ids(tok, text: str) -> list[int]:
     raise AssertionError(f"no single-token word in {text!r}")
 
 
-@PHASE2
 def test_sampled_token_ids_and_their_length_go_through_label_and_dpo_unchanged(tmp_path, smollm2_tokenizer):
     """P5: a response sampled as a non-canonical tokenization (re-encoding its text gives fewer tokens) is
     labelled with its sampled length and trained on its sampled ids: one length everywhere."""
@@ -187,8 +179,8 @@ def test_sampled_token_ids_and_their_length_go_through_label_and_dpo_unchanged(t
     end = [tok.convert_tokens_to_ids("<|im_end|>")]
     long_ids = non_canonical_ids(tok, "Bananas are yellow and sweet") + end
     short_ids = tok("Pears", add_special_tokens=False)["input_ids"] + end
-    assert len(common.encode_response(tok, tok.decode(long_ids[:-1]))) < len(long_ids)
-    vocab = common.vocab_sha256(tok)
+    assert len(tokens.encode_responses(tok, [tok.decode(long_ids[:-1])])[0]) < len(long_ids)
+    vocab = tokens.vocab_sha256(tok)
     responses = [{"text": tok.decode(ids[:-1]), "token_ids": ids, "num_tokens": len(ids), "finish_reason": "eos"}
                  for ids in (long_ids, short_ids)]
     samples = write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "Name a fruit.", "vocab_sha256": vocab,

@@ -78,7 +78,7 @@ def write_tiny_gguf(path: Path, eos: str = "<|im_end|>", architecture: str = "ll
 
 
 def convert(gguf_path: Path, out: Path) -> Path:
-    from common import run_main
+    from brevity.config import run_main
 
     return run_main(gguf_to_hf.main, (gguf_to_hf.Settings,), ["--gguf", str(gguf_path), "--output_dir", str(out)])
 
@@ -171,6 +171,6 @@ def test_smollm2_from_its_package_converts_and_answers_greedily_up_to_im_end(tmp
 
 
 def run_main_default(out: Path) -> Path:
-    from common import run_main
+    from brevity.config import run_main
 
     return run_main(gguf_to_hf.main, (gguf_to_hf.Settings,), ["--output_dir", str(out)])
