@@ -49,10 +49,10 @@ def test_a_few_real_steps_of_sample_label_dpo_train_on_the_sampled_ids_and_keep_
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo", use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dpo")
     assert tokenizer.pad_token == "<|im_end|>" and model.generation_config.eos_token_id in (2, [2])
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Name two fruits."}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
-    answer = model.generate(**ids, max_new_tokens=48, do_sample=False)[0, ids["input_ids"].shape[1]:]
-    assert tokenizer.decode(answer).endswith("<|im_end|>")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answer = model.generate(**ids, max_new_tokens=40, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    assert tokenizer.decode(answer).endswith("<|im_end|>"), tokenizer.decode(answer)
 
 
 def chat_pairs(n: int) -> list[dict]:
