@@ -2,6 +2,7 @@
 mode (local files, no network); off by default, and then wandb is never imported."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -17,15 +18,12 @@ import evaluate  # noqa: E402
 from conftest import write_jsonl  # noqa: E402
 
 
-def offline_run_records(wandb_dir: Path) -> dict[str, bytes]:
-    """{run name: its records} of the offline runs under wandb_dir: each run is one .wandb file of protobuf
-    records, whose keys and values (as JSON text) can be found in it as they are."""
-    runs = {}
-    for path in (wandb_dir / "wandb").glob("offline-run-*/run-*.wandb"):
-        data = path.read_bytes()
-        name = next(n for n in ("ev", "dpo") if str(wandb_dir / n).encode() in data)  # ev's config names dpo
-        runs[name] = data
-    return runs
+def offline_run_records(wandb_dir: Path, output_dir: Path) -> bytes:
+    """The records of the offline run named after output_dir (its id is fixed by the directory): one
+    .wandb file of protobuf records, in which keys and values (as JSON text) can be found as they are."""
+    run_id = hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:16]
+    (path,) = (wandb_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    return path.read_bytes()
 
 
 @pytest.mark.slow  # two wandb runs start a wandb service each: seconds apiece on an idle machine
@@ -43,7 +41,10 @@ def test_training_and_evaluation_metrics_go_to_wandb_offline(tiny_model_dir, tin
     evaluate.main(evaluate.Settings(model=str(tmp_path / "dpo"), sft_model=str(tiny_model_dir), prompts=str(prompts),
                                     gold_fn=f"{Path(__file__).resolve()}:word_count", output_dir=str(tmp_path / "ev"),
                                     max_new_tokens=8, wandb_project="brevity-test"))
-    runs = offline_run_records(tmp_path)
+    import wandb
+
+    wandb.teardown()  # the wandb service writes the run files; this waits for it to finish them
+    runs = {name: offline_run_records(tmp_path, tmp_path / name) for name in ("dpo", "ev")}
     last = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "lr", "train_s"):
         assert key.encode() in runs["dpo"], key
