@@ -27,7 +27,7 @@ from brevity.config import UserError, run_main, setting
 from brevity.files import TEXT_OR_CHAT, load_rows, require_input
 from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
 from brevity.logprobs import response_logps
-from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer, release_memory
+from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer, model_vocab_size, release_memory
 from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length, padding_id, vocab_sha256
 from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
 from losses import LOSSES, loss_hyperparameters
@@ -83,33 +83,36 @@ def settings_classes(argv: list[str]) -> tuple[type, type]:
     return Settings, loss_settings(name)
 
 
-def response_ids(rows: list[dict], tokenizer, path: str) -> tuple[list[list[int]], list[list[int]], int]:
+def response_ids(rows: list[dict], tokenizer, path: str,
+                 vocab_size: int) -> tuple[list[list[int]], list[list[int]], int]:
     """(chosen ids, rejected ids, how many pairs kept their sampled ids). A pair that carries the token ids
     it was sampled as (label.py's "chosen_token_ids", "rejected_token_ids") under this tokenizer's
     vocabulary ("vocab_sha256") is trained on those very ids, the ones its lengths count: re-encoding the
     text can give other tokens (a sampler need not emit the tokenizer's own segmentation). Any other pair
-    is encoded from its text, ending with the template's end of turn."""
+    is encoded from its text, ending with the template's end of turn. Sampled ids must be below
+    `vocab_size`, the model's."""
     chosen = encode_responses(tokenizer, [r["chosen"] for r in rows])
     rejected = encode_responses(tokenizer, [r["rejected"] for r in rows])
-    vocab, size, sampled = vocab_sha256(tokenizer), len(tokenizer), 0
+    vocab, sampled = vocab_sha256(tokenizer), 0
     for i, row in enumerate(rows):
         if row.get("vocab_sha256") != vocab or "chosen_token_ids" not in row or "rejected_token_ids" not in row:
             continue
         for key in ("chosen_token_ids", "rejected_token_ids"):
             ids = row[key]
-            if not (isinstance(ids, list) and ids and all(isinstance(t, int) and 0 <= t < size for t in ids)):
-                raise UserError(f"{path}: row {i + 1}: {key} must be a non-empty list of token ids below {size}")
+            if not (isinstance(ids, list) and ids and all(isinstance(t, int) and 0 <= t < vocab_size for t in ids)):
+                raise UserError(f"{path}: row {i + 1}: {key} must be a non-empty list of token ids below {vocab_size}")
         chosen[i], rejected[i], sampled = row["chosen_token_ids"], row["rejected_token_ids"], sampled + 1
     return chosen, rejected, sampled
 
 
-def encode_pairs(rows: list[dict], tokenizer, s: Settings) -> tuple[list[tuple], dict]:
+def encode_pairs(rows: list[dict], tokenizer, s: Settings, vocab_size: int = 0) -> tuple[list[tuple], dict]:
     """Tokenize and fit every row to the length limits; return the pairs (prompt ids, chosen ids,
     rejected ids; each response ends with its end of turn, `response_ids`) and what truncation did.
+    `vocab_size` bounds sampled ids: the model's (`model_vocab_size`); 0: the tokenizer's length.
     A pair whose chosen and rejected responses are the same tokens is dropped (and counted): every
     preference loss's pairwise term has zero gradient on it."""
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
-    chosen, rejected, sampled = response_ids(rows, tokenizer, s.data)
+    chosen, rejected, sampled = response_ids(rows, tokenizer, s.data, vocab_size or len(tokenizer))
     pairs, stats = [], {"rows": len(rows), "pairs": 0, "prompts_cut": 0, "responses_cut": 0, "dropped_too_long": 0,
                         "dropped_identical": 0, "sampled_token_ids": sampled}
     for p, c, r in zip(prompts, chosen, rejected):
@@ -253,7 +256,8 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     d = run.d
 
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
-    pairs, stats = encode_pairs(load_rows(s.data, PAIR_FIELDS), tokenizer, s)
+    pairs, stats = encode_pairs(load_rows(s.data, PAIR_FIELDS), tokenizer, s,
+                                model_vocab_size(s.model, s.trust_remote_code))
     run.plan(len(pairs), stats, describe(stats, s), s, hyperparameters,
              what=f"loss {s.loss} ({', '.join(f'{k}={v}' for k, v in hyper.items())}); ")
     # before the policy exists (one model in memory at a time) and before a checkpoint is loaded into it

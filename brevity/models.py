@@ -116,6 +116,14 @@ def final_model_exists(out_dir: str | os.PathLike) -> bool:
                                                                             "model.safetensors.index.json"))
 
 
+def model_vocab_size(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """How many token ids the model reads: its config's vocab_size, often more than the tokenizer's
+    tokens (embedding rows padded to a multiple of 8 or 64), all of which a sampler can emit."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+
+
 def release_memory() -> None:
     """Return freed memory once the last reference to a model is gone (the caller drops it first)."""
     gc.collect()

@@ -243,7 +243,8 @@ class Run:
             if self.d.is_main:
                 print(f"resuming from {self.checkpoint} (step {self.start_step} of {self.total_steps})")
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.d, resume_step=self.start_step)
-        self.tracker = start_tracker(self.s.wandb_project, self.s.output_dir, dataclasses.asdict(self.s), self.d.is_main)
+        self.tracker = start_tracker(self.s.wandb_project, self.s.output_dir, dataclasses.asdict(self.s),
+                                     self.d.is_main)
 
     def steps(self, lengths: list[int]):
         """Yield (step, global batch) from the resume point to the end, behind a progress bar on rank 0."""

@@ -194,3 +194,20 @@ def test_sampled_token_ids_and_their_length_go_through_label_and_dpo_unchanged(t
 
 def length_reward(prompts, responses):
     return [float(len(r)) for r in responses]
+
+
+def test_sampled_ids_may_use_the_models_padded_vocabulary_but_not_beyond_it():
+    """A model's embedding often has more rows than its tokenizer has tokens (a multiple of 8 here), and a
+    sampler can emit any of them: such ids are trained on as sampled; an id past the model's is refused
+    in one line naming the row."""
+    import dpo
+
+    tok = make_tokenizer()
+    beyond = len(tok) + 3
+    row = {"prompt": "list three fruits", "chosen": "a", "rejected": "b", "vocab_sha256": tokens.vocab_sha256(tok),
+           "chosen_token_ids": [5, beyond, tok.eos_token_id], "rejected_token_ids": [6, tok.eos_token_id]}
+    s = dpo.Settings(data="pairs.jsonl", max_length=64, max_prompt_length=32)
+    pairs, stats = dpo.encode_pairs([row], tok, s, vocab_size=len(tok) + 8)
+    assert pairs[0][1] == [5, beyond, tok.eos_token_id] and stats["sampled_token_ids"] == 1
+    with pytest.raises(UserError, match=r"pairs.jsonl: row 1: chosen_token_ids must be .* below"):
+        dpo.encode_pairs([row], tok, s)

@@ -89,7 +89,8 @@ def test_reference_logps_of_16_chat_pairs_equal_trls_once_its_newline_after_im_e
     assert list(theirs["prompt_ids"]) == prompts
     assert list(theirs["chosen_ids"]) == [c + newline for c in chosen]
     assert list(theirs["rejected_ids"]) == [r + newline for r in rejected]
-    examples = [(p, c + newline) for p, c in zip(prompts, chosen)] + [(p, r + newline) for p, r in zip(prompts, rejected)]
+    examples = ([(p, c + newline) for p, c in zip(prompts, chosen)]
+                + [(p, r + newline) for p, r in zip(prompts, rejected)])
     ours = response_logps(SequenceLogps(model), examples, 8, padding_id(tokenizer))
     trl = torch.tensor(list(theirs["ref_chosen_logps"]) + list(theirs["ref_rejected_logps"]))
     assert (ours - trl).abs().max().item() < 1e-4
