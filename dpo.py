@@ -2,13 +2,19 @@
 
     python dpo.py --config configs/dpo.yaml --loss ilrdpo --alpha 0.4           # one process
     torchrun --nproc_per_node 2 dpo.py --config configs/dpo.yaml --loss dpo     # FSDP2, same steps
+    python dpo.py --loss sigmoid+bco_pair+sft --loss_weights 0.8,0.2,1.0        # a mixture (MPO)
+    python dpo.py --loss dpo --ld_alpha 0.5                                     # LD-DPO; --sampo, --use_weighting
 
 The stage: read pairs -> tokenize (the prompt once, each response separately, so the response mask
 is exact) -> reference log-probs in one pass before training, cached in output_dir (the reference
 model is never in memory beside the policy; reference-free losses skip it) -> train (chosen and
 rejected through the model in one forward, length-bucketed batches, dropout off) -> save a Hugging
-Face directory. `--loss NAME` picks the objective and its hyperparameters become flags with that
-loss's defaults (`--beta`, `--alpha`, ...); a hyperparameter the loss does not have is an error.
+Face directory. `--loss NAME` picks the objective (`a+b`: their weighted sum, each part logged as
+loss/NAME) and its hyperparameters become flags with that loss's defaults (`--beta`, `--alpha`, ...);
+a hyperparameter the loss does not have is an error. The options of losses.Objective are flags too:
+with LD-DPO or SamPO the policy and the cached reference log-probs are per token, with WPO the policy
+also gives log sum_v p_v^2 per token. `--sync_ref_model` (TR-DPO) keeps the reference in memory instead,
+and every --ref_model_sync_steps steps moves it to alpha * policy + (1 - alpha) * reference.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import hashlib
 import json
 import os
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -27,10 +34,11 @@ from brevity.config import UserError, run_main, setting
 from brevity.files import TEXT_OR_CHAT, load_rows, require_input
 from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
 from brevity.logprobs import response_logps
+from brevity.generation import response_seed
 from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer, model_vocab_size, release_memory
 from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length, padding_id, vocab_sha256
 from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
-from losses import LOSSES, loss_hyperparameters
+from losses import LOSSES, Objective, Term, loss_hyperparameters, objective_losses
 
 DEFAULT_MODEL, DEFAULT_DATA = "runs/sft", "data/embedded/prefs.jsonl"
 PAIR_FIELDS = {"prompt": TEXT_OR_CHAT, "chosen": TEXT_OR_CHAT, "rejected": TEXT_OR_CHAT}
@@ -43,17 +51,44 @@ class Settings(TrainSettings):
     data: str = setting(DEFAULT_DATA, "pairs with prompt, chosen, rejected: strings, or chat messages as in "
                                       "TRL's preference format (UltraFeedback-style data works as it is)")
     output_dir: str = setting("runs/dpo", TrainSettings.__dataclass_fields__["output_dir"].metadata["help"])
-    loss: str = setting("ilrdpo", f"preference loss: {', '.join(LOSSES)}; its hyperparameters become flags")
+    loss: str = setting("ilrdpo", f"preference loss: {', '.join(LOSSES)}; several joined by + are their weighted "
+                                  "sum; its hyperparameters become flags")
+    loss_weights: str = setting("", "the weights of a + mixture, comma-separated in its order (MPO: 0.8,0.2,1.0); "
+                                    "empty: 1 each")
+    ld_alpha: float = setting(1.0, "LD-DPO: the weight of the tokens past the shorter response's length, policy "
+                                   "and reference alike; 1: plain sums (off)")
+    sampo: bool = setting(False, "SamPO: sum the longer response over a random subset of as many tokens as the "
+                                 "shorter has (drawn from --seed, the pair and the step)")
+    use_weighting: bool = setting(False, "WPO: weight each pair by the policy's aligned likelihood of both responses")
+    f_divergence: typing.Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = setting(
+        "reverse_kl", "f-DPO: the divergence from the reference; reverse_kl is DPO's")
+    f_alpha_divergence_coef: float = setting(0.5, "alpha of --f_divergence alpha_divergence")
     ref_model: str = setting("", "reference model (same tokenizer); empty: the starting policy, --model")
+    sync_ref_model: bool = setting(False, "TR-DPO: keep the reference in memory beside the policy (no cache) and "
+                                          "move it to alpha * policy + (1 - alpha) * reference every tau steps")
+    ref_model_mixup_alpha: float = setting(0.6, "TR-DPO's alpha (TRL's default)")
+    ref_model_sync_steps: int = setting(512, "TR-DPO's tau: steps between reference updates (TRL's default)")
     lr: float = setting(5e-7, "peak learning rate (AdamW); 5e-7 is the 3D-properties paper's DPO setting")
     warmup_steps: int = setting(10, "linear warm-up steps")
 
 
-def loss_settings(name: str) -> type:
-    """LOSSES[name]'s hyperparameters as a dataclass, so that they parse as flags (--beta 0.1)."""
-    fields = [(k, float, setting(v, f"hyperparameter of the {name} loss (see losses.{LOSSES[name].fn.__name__})"))
-              for k, v in loss_hyperparameters(name).items()]
-    return dataclasses.make_dataclass(f"{name}_hyperparameters", fields)
+def loss_settings(loss: str) -> type:
+    """The hyperparameters of the losses in `loss` ("a+b" for a mixture) as a dataclass, so that they parse
+    as flags (--beta 0.1). A name several losses share is one flag, for all of them; where their defaults
+    differ it has none, so it must be given."""
+    defaults: dict[str, dict[str, float]] = {}
+    for name in loss.split("+"):
+        for k, v in loss_hyperparameters(name).items():
+            defaults.setdefault(k, {})[name] = v
+    fields = []
+    for k, by_loss in defaults.items():
+        where = ", ".join(f"{n} (see losses.{LOSSES[n].fn.__name__})" for n in by_loss)
+        if len(set(by_loss.values())) == 1:
+            fields.append((k, float, setting(next(iter(by_loss.values())), f"hyperparameter of {where}")))
+        else:
+            fields.insert(0, (k, float, dataclasses.field(metadata={
+                "help": f"hyperparameter of {where}, whose defaults differ ({sorted(set(by_loss.values()))}): give it"})))
+    return dataclasses.make_dataclass(f"{loss.replace('+', '_')}_hyperparameters", fields)
 
 
 def settings_classes(argv: list[str]) -> tuple[type, type]:
@@ -70,10 +105,11 @@ def settings_classes(argv: list[str]) -> tuple[type, type]:
             name = (yaml.safe_load(Path(known.config).read_text(encoding="utf-8")) or {}).get("loss")
         except (OSError, yaml.YAMLError, AttributeError):
             pass  # parse_settings reports a bad config file properly
-    name = name or Settings.loss
-    if name not in LOSSES:
-        raise UserError(f"unknown --loss {name!r}; known: {', '.join(LOSSES)}")
-    own = loss_hyperparameters(name)
+    name = name if isinstance(name, str) and name else Settings.loss  # a mistyped config value: parse_settings says so
+    for part in name.split("+"):
+        if part not in LOSSES:
+            raise UserError(f"unknown --loss {part!r}; known: {', '.join(LOSSES)}")
+    own = {h: None for part in name.split("+") for h in loss_hyperparameters(part)}
     others = {h for n in LOSSES for h in loss_hyperparameters(n)} - set(own)
     for arg in argv:
         flag = arg.split("=", 1)[0]
@@ -81,6 +117,44 @@ def settings_classes(argv: list[str]) -> tuple[type, type]:
             raise UserError(f"{flag} is not a hyperparameter of loss {name!r} "
                             f"(it has: {', '.join('--' + h for h in own) or 'none'})")
     return Settings, loss_settings(name)
+
+
+def build_objective(s: Settings, hyperparameters) -> Objective:
+    """The losses.Objective that --loss, --loss_weights, the loss hyperparameters and the options describe;
+    a UserError naming what is wrong, before anything is written."""
+    names, hyper = s.loss.split("+"), dataclasses.asdict(hyperparameters)
+    try:
+        weights = [float(w) for w in s.loss_weights.split(",")] if s.loss_weights else [1.0] * len(names)
+    except ValueError:
+        raise UserError(f"--loss_weights {s.loss_weights!r}: comma-separated numbers, one per loss of --loss")
+    if len(weights) != len(names):
+        raise UserError(f"--loss_weights {s.loss_weights!r}: {len(weights)} weights for the {len(names)} losses of "
+                        f"--loss {s.loss}")
+    if set(hyper) != {h for n in names if n in LOSSES for h in loss_hyperparameters(n)}:
+        raise UserError(f"loss {s.loss!r} does not take the hyperparameters {sorted(hyper)}")
+    if s.sync_ref_model and not (0 <= s.ref_model_mixup_alpha <= 1 and s.ref_model_sync_steps >= 1):
+        raise UserError(f"--ref_model_mixup_alpha {s.ref_model_mixup_alpha} must be in [0, 1] and "
+                        f"--ref_model_sync_steps {s.ref_model_sync_steps} >= 1")
+    try:
+        objective = Objective(
+            tuple(Term(n, w, {k: hyper[k] for k in loss_hyperparameters(n)}) for n, w in zip(names, weights)),
+            ld_alpha=None if s.ld_alpha == 1 else s.ld_alpha, sampo=s.sampo, use_weighting=s.use_weighting,
+            f_divergence=s.f_divergence, f_alpha_divergence_coef=s.f_alpha_divergence_coef)
+    except ValueError as e:
+        raise UserError(f"--loss {s.loss}: {e}")
+    if s.sync_ref_model and "reference" not in objective.needs:
+        raise UserError(f"--sync_ref_model: loss {s.loss} is reference-free; there is no reference to sync")
+    return objective
+
+
+def describe_objective(s: Settings, hyperparameters) -> str:
+    options = [f"ld_alpha {s.ld_alpha}" if s.ld_alpha != 1 else "", "SamPO" if s.sampo else "",
+               "WPO weighting" if s.use_weighting else "",
+               f"f-divergence {s.f_divergence}" if s.f_divergence != "reverse_kl" else "",
+               f"TR-DPO (alpha {s.ref_model_mixup_alpha}, tau {s.ref_model_sync_steps})" if s.sync_ref_model else ""]
+    hyper = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(hyperparameters).items())
+    weights = f" weights {s.loss_weights}" if s.loss_weights else ""
+    return f"loss {s.loss}{weights} ({hyper}){''.join('; ' + o for o in options if o)}; "
 
 
 def response_ids(rows: list[dict], tokenizer, path: str,
@@ -158,8 +232,11 @@ def model_fingerprint(path: str) -> str:
     return "\n".join(parts)
 
 
-def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str) -> str:
-    h = hashlib.sha256(f"{model_fingerprint(ref_model)}\n{dtype}\n".encode())
+def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str, per_token: bool = False) -> str:
+    """Changes with the tokenized pairs, the reference model's files, the dtype and what is cached (sums
+    per response, or the log-prob of every token), so a cache of another kind is a miss."""
+    layout = "per-token" if per_token else "sums"
+    h = hashlib.sha256(f"{model_fingerprint(ref_model)}\n{dtype}\n{layout}\n".encode())
     for p, c, r in pairs:
         h.update(json.dumps([p, c, r], separators=(",", ":")).encode())
     return h.hexdigest()
@@ -184,58 +261,110 @@ def write_ref_cache(path: Path, key: str, chosen: torch.Tensor, rejected: torch.
     os.replace(tmp, path)
 
 
-def reference_logps(pairs: list[tuple], s: Settings, pad_id: int, d) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(ref_logp(chosen) [N], ref_logp(rejected) [N], seconds spent computing them).
+def reference_logps(pairs: list[tuple], s: Settings, pad_id: int, d,
+                    per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(ref_logp(chosen), ref_logp(rejected), seconds spent computing them): each [N], or with `per_token`
+    the log-prob of every response token, [sum of the lengths], pair after pair.
 
-    Read from output_dir's cache when its key matches (the tokenized pairs, the reference model's
-    files, the dtype), else computed in one no-grad pass with the reference model (--ref_model, or
-    the starting policy) and written there. The model is loaded here and released before this
-    returns, so it is never in memory beside the policy.
+    Read from output_dir's cache when its key matches (`ref_cache_key`), else computed in one no-grad
+    pass with the reference model (--ref_model, or the starting policy) and written there. The model
+    is loaded here and released before this returns, so it is never in memory beside the policy.
     """
     path, name = Path(s.output_dir) / REF_CACHE, s.ref_model or s.model
-    key = ref_cache_key(pairs, name, s.dtype)
+    key = ref_cache_key(pairs, name, s.dtype, per_token)
     if (cached := read_ref_cache(path, key)) is not None:
         return (*cached, 0.0)
     began = time.time()
     reference = wrap_policy(load_model(name, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size)
     batch = 2 * s.batch_size // (d.world_size * s.grad_accum)
-    logps = response_logps(reference, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], batch, pad_id, d)
+    logps = response_logps(reference, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], batch, pad_id, d,
+                           per_token)
     del reference
     release_memory()
-    chosen, rejected, seconds = logps[:len(pairs)], logps[len(pairs):], time.time() - began
+    split = sum(len(c) for _, c, _ in pairs) if per_token else len(pairs)
+    chosen, rejected, seconds = logps[:split], logps[split:], time.time() - began
     if d.is_main:
         write_ref_cache(path, key, chosen, rejected)
-        print(f"reference log-probs of {len(pairs)} pairs in {seconds:.1f} s, cached in {path}")
+        print(f"reference log-probs of {len(pairs)} pairs{' per token' if per_token else ''} in {seconds:.1f} s, "
+              f"cached in {path}")
     return chosen, rejected, seconds
 
 
-def accumulate_gradients(policy, pairs: list[tuple], batch: list[int], loss_fn, hyper: dict, ref, s: Settings,
-                         pad_id: int, d) -> dict:
+def cached_reference(ref: tuple, pairs: list[tuple], per_token: bool):
+    """fn(ids, width) -> the cached reference log-probs of pairs `ids`: ([n], [n]) sums, or per token
+    ([n, width], [n, width]) with zeros past each response."""
+    def starts(side):
+        lengths = torch.tensor([len(pair[side]) for pair in pairs])
+        return torch.cumsum(lengths, 0) - lengths
+
+    chosen_starts, rejected_starts = (starts(1), starts(2)) if per_token else (None, None)
+
+    def rows(flat, first, side, ids, width):
+        out = torch.zeros(len(ids), width)
+        for row, i in enumerate(ids):
+            out[row, :len(pairs[i][side])] = flat[first[i]:first[i] + len(pairs[i][side])]
+        return out
+
+    def lookup(ids, width):
+        if not per_token:
+            return ref[0][ids], ref[1][ids]
+        return rows(ref[0], chosen_starts, 1, ids, width), rows(ref[1], rejected_starts, 2, ids, width)
+    return lookup
+
+
+@torch.no_grad()
+def sync_reference(reference, policy, alpha: float) -> None:
+    """TR-DPO, Gorbatovski et al. 2024 (arXiv 2404.09656), soft update: pi_ref <- alpha * pi + (1 - alpha) * pi_ref,
+    parameter by parameter (shard by shard under FSDP2, where both are sharded alike)."""
+    for ref_param, param in zip(reference.parameters(), policy.parameters(), strict=True):
+        ref_param.mul_(1 - alpha).add_(param, alpha=alpha)
+
+
+def accumulate_gradients(policy, pairs: list[tuple], batch: list[int], step: int, objective: Objective, reference,
+                         s: Settings, pad_id: int, d) -> dict:
     """Forward and backward over this process's micro-batches of the global `batch`; return this
     process's sums of the step's metrics over its pairs. The loss is the mean over the global batch,
     so the gradient is the same for any split into processes and micro-steps (FSDP averages over
-    processes, hence the factor)."""
-    sums = {}
+    processes, hence the factor). `reference` is None (reference-free), a cache lookup
+    (`cached_reference`) or the live reference model (--sync_ref_model)."""
+    needs, sums = objective.needs, {}
+    per_token, sum_sq = "policy_tokens" in needs, "log_sum_sq_probs" in needs
     micro = micro_batches(batch, d.world_size, d.rank, s.grad_accum)
-    for step, ids in enumerate(micro):
-        set_gradient_sync(policy, step == len(micro) - 1)
-        examples = [(pairs[i][0], pairs[i][1]) for i in ids] + [(pairs[i][0], pairs[i][2]) for i in ids]
-        logps = policy(*collate(examples, pad_id, d.device))  # chosen then rejected: one forward
-        chosen_logps, rejected_logps = logps.split(len(ids))
-        chosen_lengths = torch.tensor([len(pairs[i][1]) for i in ids], device=d.device)
-        rejected_lengths = torch.tensor([len(pairs[i][2]) for i in ids], device=d.device)
-        losses, chosen_rewards, rejected_rewards = loss_fn(
-            policy_chosen_logps=chosen_logps, policy_rejected_logps=rejected_logps,
-            reference_chosen_logps=None if ref is None else ref[0][ids].to(d.device),
-            reference_rejected_logps=None if ref is None else ref[1][ids].to(d.device),
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **hyper)
-        (losses.sum() * d.world_size / len(batch)).backward()
-        margin = chosen_rewards - rejected_rewards
-        for name, values in {"loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-                             "rewards/margin": margin, "rewards/accuracy": margin > 0, "logps/chosen": chosen_logps,
-                             "logps/rejected": rejected_logps, "length/chosen": chosen_lengths,
-                             "length/rejected": rejected_lengths}.items():
-            sums[name] = sums.get(name, 0) + values.detach().float().sum()
+    for micro_step, ids in enumerate(micro):
+        set_gradient_sync(policy, micro_step == len(micro) - 1)
+        inputs = collate([(pairs[i][0], pairs[i][1]) for i in ids] + [(pairs[i][0], pairs[i][2]) for i in ids], pad_id,
+                         d.device)
+        out = policy(*inputs, per_token=per_token, sum_sq=sum_sq)  # chosen then rejected: one forward
+        logps, log_sum_sq = out if sum_sq else (out, None)
+        tensors = {"policy_chosen_logps": logps[:len(ids)], "policy_rejected_logps": logps[len(ids):],
+                   "chosen_lengths": torch.tensor([len(pairs[i][1]) for i in ids], device=d.device),
+                   "rejected_lengths": torch.tensor([len(pairs[i][2]) for i in ids], device=d.device)}
+        if sum_sq:
+            tensors |= {"policy_chosen_log_sum_sq_probs": log_sum_sq[:len(ids)],
+                        "policy_rejected_log_sum_sq_probs": log_sum_sq[len(ids):]}
+        if "pair_seeds" in needs:  # SamPO's draw: a function of (seed, pair, step), whatever the batch split
+            tensors["pair_seeds"] = torch.tensor([response_seed(s.seed, i, step) for i in ids])
+        if isinstance(reference, torch.nn.Module):
+            with torch.no_grad():
+                ref = reference(*inputs, per_token="reference_tokens" in needs)
+            if d.world_size > 1:
+                reference.reshard()  # a no-grad forward leaves FSDP2's root parameters gathered
+            tensors |= {"reference_chosen_logps": ref[:len(ids)], "reference_rejected_logps": ref[len(ids):]}
+        elif reference is not None:
+            ref = reference(ids, logps.shape[-1] if logps.dim() == 2 else 0)
+            tensors |= {"reference_chosen_logps": ref[0].to(d.device), "reference_rejected_logps": ref[1].to(d.device)}
+        result = objective_losses(objective, **tensors)
+        (result.losses.sum() * d.world_size / len(batch)).backward()
+        margin = result.chosen_rewards - result.rejected_rewards
+        sequence_logps = logps.sum(-1) if per_token else logps
+        values = {"loss": result.losses, "rewards/chosen": result.chosen_rewards,
+                  "rewards/rejected": result.rejected_rewards, "rewards/margin": margin, "rewards/accuracy": margin > 0,
+                  "logps/chosen": sequence_logps[:len(ids)], "logps/rejected": sequence_logps[len(ids):],
+                  "length/chosen": tensors["chosen_lengths"], "length/rejected": tensors["rejected_lengths"]}
+        if len(objective.terms) > 1:
+            values |= {f"loss/{name}": part for name, part in result.components.items()}
+        for name, v in values.items():
+            sums[name] = sums.get(name, 0) + v.detach().float().sum()
     return sums
 
 
@@ -246,37 +375,40 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     for model in (s.model, s.ref_model):  # before anything is written
         if model:
             check_model_dir(model)
-    if s.loss not in LOSSES:
-        raise UserError(f"unknown --loss {s.loss!r}; known: {', '.join(LOSSES)}")
-    loss, hyper = LOSSES[s.loss], dataclasses.asdict(hyperparameters)
-    if set(hyper) != set(loss_hyperparameters(s.loss)):
-        raise UserError(f"loss {s.loss!r} takes {sorted(loss_hyperparameters(s.loss))}, got {sorted(hyper)}")
+    objective = build_objective(s, hyperparameters)
     if (run := start_training(s, "dpo", unit="pairs")) is None:
         return None
-    d = run.d
+    d, needs = run.d, objective.needs
 
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
     pairs, stats = encode_pairs(load_rows(s.data, PAIR_FIELDS), tokenizer, s,
                                 model_vocab_size(s.model, s.trust_remote_code))
-    run.plan(len(pairs), stats, describe(stats, s), s, hyperparameters,
-             what=f"loss {s.loss} ({', '.join(f'{k}={v}' for k, v in hyper.items())}); ")
+    run.plan(len(pairs), stats, describe(stats, s), s, hyperparameters, what=describe_objective(s, hyperparameters))
     # before the policy exists (one model in memory at a time) and before a checkpoint is loaded into it
-    ref = None if loss.reference_free else reference_logps(pairs, s, padding_id(tokenizer), d)
+    ref, reference, live = None, None, None
+    if "reference" in needs and not s.sync_ref_model:
+        ref = reference_logps(pairs, s, padding_id(tokenizer), d, per_token="reference_tokens" in needs)
+        reference = cached_reference(ref, pairs, per_token="reference_tokens" in needs)
 
     policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
                          s.activation_checkpointing)
+    if s.sync_ref_model:
+        reference = live = wrap_policy(load_model(s.ref_model or s.model, DTYPES[s.dtype], s.trust_remote_code), d,
+                                       s.chunk_size)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    run.resume(policy, optimizer)
+    run.resume(policy, optimizer, live)
     for step, batch in run.steps([len(p) + max(len(c), len(r)) for p, c, r in pairs]):
         lr = set_lr(optimizer, run.lr(step))
-        sums = accumulate_gradients(policy, pairs, batch, loss.fn, hyper, ref, s, padding_id(tokenizer), d)
+        sums = accumulate_gradients(policy, pairs, batch, step, objective, reference, s, padding_id(tokenizer), d)
         grad_norm = clip_grad_norm(policy, s.max_grad_norm)
         means = {name: total / len(batch) for name, total in all_reduce_sums(d, sums).items()}
         run.check_finite(step, {"loss": means["loss"], "gradient norm": grad_norm})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if live is not None and (step + 1) % s.ref_model_sync_steps == 0:
+            sync_reference(live, policy, s.ref_model_mixup_alpha)
         run.log_step(step, batch, {"lr": lr, **means, "grad_norm": grad_norm, "tokens": pair_tokens(pairs, batch)},
-                     policy, optimizer)
+                     policy, optimizer, live)
     run.finish(policy, tokenizer, {"ref_logps_s": 0.0 if ref is None else ref[2]}, keep=(REF_CACHE,))
     return policy.model
 

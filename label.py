@@ -3,17 +3,18 @@
     python label.py --samples runs/dpo/iter1/samples.jsonl --reward_fn embedded:proxy_reward
     torchrun --nproc_per_node 8 label.py --samples ... --reward_model Nexusflow/Starling-RM-34B
 
-The stage: read samples.jsonl (sample.py's output) -> score every response -> per prompt, the
-highest-scoring response is "chosen" and the lowest "rejected" -> write, into --output_dir (default:
-beside the samples):
+The stage: read samples.jsonl (sample.py's output) -> score every response -> per prompt, pairs by
+--pair_rule (default: the highest-scoring response is "chosen" and the lowest "rejected") -> write,
+into --output_dir (default: beside the samples):
 - scores.jsonl: the samples rows with "score" added to every response;
-- pairs.jsonl: one row per kept prompt, what dpo.py reads: {"prompt", "chosen", "rejected",
+- pairs.jsonl: one row per pair (one per kept prompt, but all_pairs may keep several), what dpo.py reads:
+  {"prompt", "chosen", "rejected",
   "chosen_score", "rejected_score", "reward_gap", "chosen_length", "rejected_length", "length_gap"}
   (lengths in policy tokens, the end of turn included; gaps are chosen minus rejected), and, when the samples
   carry them, the sampled "chosen_token_ids", "rejected_token_ids" and their "vocab_sha256" (dpo.py trains on
   those ids, so a length means the same tokens in both stages);
-- label_stats.json: counts (prompts, responses scored, pairs written; prompts dropped as ties, below the
-  margin, or with fewer than two usable responses; responses left out as unfinished or empty) and the length
+- label_stats.json: counts (prompts, responses scored, pairs written; what the pair rule dropped as ties,
+  below the margin, or with fewer than two usable responses; responses left out as unfinished or empty) and the length
   signals that iLR-DPO is about: the mean chosen-minus-rejected length gap, the share of pairs whose
   chosen response is the longer, the correlation of reward with length (pooled, and within prompt:
   scores and lengths centred on their prompt's mean), and the share of responses without EOS.
@@ -24,15 +25,20 @@ model (--reward_model, one label) that reads the conversation through its own to
 template (brevity.scoring.RewardModel). Under torchrun the prompts are split over processes.
 
 Which responses may form a pair: finished ones (EOS emitted; --keep_unfinished to allow cut ones)
-with non-empty text (dpo.py rejects empty strings). A prompt is dropped when fewer than two remain,
-when best and worst tie (equal score or the same text), or when their gap is below --min_margin. A
-NaN or infinite score is an error naming the row: it means a broken reward, not a bad response.
+with non-empty text (dpo.py rejects empty strings). Of those, --pair_rule picks (RLHFlow's names in
+brackets): best_worst, best vs worst (max_min); best_random, best vs one of the others drawn per prompt
+from --seed (max_random); best_second, best vs second best (max_max); all_pairs, every pair of them;
+length_penalised, best vs worst by score - --length_penalty x num_tokens (max_min_p, in tokens rather
+than characters). A candidate pair is dropped when it ties (equal ranking score or the same text) or
+its gap is below --min_margin, a prompt when fewer than two responses remain. A NaN or infinite score
+is an error naming the row: it means a broken reward, not a bad response.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import random
 import typing
 from pathlib import Path
 
@@ -50,7 +56,12 @@ class Settings:
     reward_fn: str = setting("", "reward function module:function (or file.py:function), "
                                  "fn(prompts, responses) -> list of floats; e.g. embedded:proxy_reward")
     reward_model: str = setting("", "reward model: a local directory or hub id of a sequence classifier with one label")
-    min_margin: float = setting(0.0, "drop a pair whose reward gap (best minus worst) is below this")
+    pair_rule: typing.Literal["best_worst", "best_random", "best_second", "all_pairs", "length_penalised"] = setting(
+        "best_worst", "which responses of a prompt form pairs: best vs worst, best vs a random other (--seed), "
+                      "best vs second best, every pair, or best vs worst by score - --length_penalty x tokens")
+    length_penalty: float = setting(0.0, "length_penalised: the score charged per response token (lambda)")
+    seed: int = setting(0, "best_random: each prompt's draw comes from (seed, the prompt's row)")
+    min_margin: float = setting(0.0, "drop a pair whose gap in ranking score (chosen minus rejected) is below this")
     keep_unfinished: bool = setting(False, "let responses without EOS (finish_reason 'length') form pairs")
     batch_size: int = setting(16, "reward model: sequences per forward pass")
     max_length: int = setting(0, "reward model: a longer conversation loses tokens from the left; 0: no limit")
@@ -95,22 +106,56 @@ def check_scores(rows: list[dict], scores: dict[int, list[float]], path: str) ->
                                 f"{json.dumps(rows[i]['prompt'])[:80]}); the reward must be a finite number")
 
 
-def make_pair(row: dict, min_margin: float, keep_unfinished: bool) -> tuple[dict | None, str]:
-    """(pair, "") or (None, why it was dropped). Best and worst by score; the first one on equal scores."""
-    usable = [r for r in row["responses"] if (keep_unfinished or r["finish_reason"] == "eos") and r["text"]]
+def ranking_score(response: dict, s: Settings) -> float:
+    """What the pair rule ranks by: the score minus length_penalty per token (0 but under length_penalised)."""
+    return response["score"] - s.length_penalty * response["num_tokens"]
+
+
+def candidate_pairs(usable: list[dict], index: int, s: Settings) -> list[tuple[dict, dict]]:
+    """(chosen, rejected) candidates of one prompt under s.pair_rule; `usable` has at least two responses.
+    On equal ranking scores the first response wins, as max() and min() pick it."""
+    ranked = sorted(usable, key=lambda r: -ranking_score(r, s))  # stable: the first of equals stays first
+    if s.pair_rule == "best_second":
+        return [(ranked[0], ranked[1])]
+    if s.pair_rule == "best_random":
+        best = ranked[0]
+        others = [r for r in usable if r is not best]
+        return [(best, random.Random(f"{s.seed}:{index}").choice(others))]
+    if s.pair_rule == "all_pairs":
+        return [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:]]
+    worst = min(usable, key=lambda r: ranking_score(r, s))  # best_worst, length_penalised
+    return [(ranked[0], worst)]
+
+
+def make_pairs(row: dict, index: int, s: Settings) -> tuple[list[dict], dict[str, int]]:
+    """The pairs of one prompt (row `index` of the samples) and what was dropped, by reason: "tie" and
+    "below_margin" count candidate pairs, "fewer_than_two" the prompt."""
+    usable = [r for r in row["responses"] if (s.keep_unfinished or r["finish_reason"] == "eos") and r["text"]]
+    drops = {"tie": 0, "below_margin": 0, "fewer_than_two": 0}
     if len(usable) < 2:
-        return None, "fewer_than_two"
-    best = max(usable, key=lambda r: r["score"])
-    worst = min(usable, key=lambda r: r["score"])
-    if best["score"] == worst["score"] or best["text"] == worst["text"]:
-        return None, "tie"
-    if best["score"] - worst["score"] < min_margin:
-        return None, "below_margin"
-    return {"prompt": row["prompt"], "chosen": best["text"], "rejected": worst["text"],
-            "chosen_score": best["score"], "rejected_score": worst["score"],
-            "reward_gap": best["score"] - worst["score"], "chosen_length": best["num_tokens"],
-            "rejected_length": worst["num_tokens"], "length_gap": best["num_tokens"] - worst["num_tokens"],
-            **sampled_token_ids(row, best, worst)}, ""
+        drops["fewer_than_two"] = 1
+        return [], drops
+    pairs = []
+    for best, worst in candidate_pairs(usable, index, s):
+        gap = ranking_score(best, s) - ranking_score(worst, s)
+        if gap == 0 or best["text"] == worst["text"]:
+            drops["tie"] += 1
+        elif gap < s.min_margin:
+            drops["below_margin"] += 1
+        else:
+            pairs.append({"prompt": row["prompt"], "chosen": best["text"], "rejected": worst["text"],
+                          "chosen_score": best["score"], "rejected_score": worst["score"],
+                          "reward_gap": best["score"] - worst["score"], "chosen_length": best["num_tokens"],
+                          "rejected_length": worst["num_tokens"],
+                          "length_gap": best["num_tokens"] - worst["num_tokens"],
+                          **sampled_token_ids(row, best, worst)})
+    return pairs, drops
+
+
+def check_pair_settings(s: Settings) -> None:
+    if not math.isfinite(s.length_penalty) or (s.length_penalty != 0 and s.pair_rule != "length_penalised"):
+        raise UserError(f"--length_penalty {s.length_penalty}: it must be finite and is used only by "
+                        "--pair_rule length_penalised")
 
 
 def sampled_token_ids(row: dict, best: dict, worst: dict) -> dict:
@@ -133,7 +178,10 @@ def correlation(xs: list[float], ys: list[float]) -> float | None:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
 
 
-def label_stats(rows: list[dict], pairs: list[dict], drops: dict[str, int], keep_unfinished: bool) -> dict:
+def label_stats(rows: list[dict], pairs: list[dict], drops: dict[str, int], settings: Settings) -> dict:
+    """The counts and length signals of label_stats.json. Under all_pairs, dropped_ties and
+    dropped_below_margin count candidate pairs (every pair of a prompt's usable responses); under the
+    other rules a prompt has one candidate, so they count prompts."""
     responses = [r for row in rows for r in row["responses"]]
     scores = [r["score"] for r in responses]
     lengths = [float(r["num_tokens"]) for r in responses]
@@ -147,11 +195,13 @@ def label_stats(rows: list[dict], pairs: list[dict], drops: dict[str, int], keep
     return {
         "prompts": len(rows),
         "responses_scored": len(responses),
+        "pair_rule": settings.pair_rule,
         "pairs_written": len(pairs),
+        "prompts_with_pairs": len({json.dumps(p["prompt"]) for p in pairs}),
         "dropped_ties": drops["tie"],
         "dropped_below_margin": drops["below_margin"],
         "dropped_fewer_than_two_usable": drops["fewer_than_two"],
-        "dropped_unfinished": 0 if keep_unfinished else sum(r["finish_reason"] == "length" for r in responses),
+        "dropped_unfinished": 0 if settings.keep_unfinished else sum(r["finish_reason"] == "length" for r in responses),
         "dropped_empty": sum(not r["text"] for r in responses),
         "mean_length_gap": sum(gaps) / len(gaps) if gaps else None,
         "share_chosen_longer": sum(g > 0 for g in gaps) / len(gaps) if gaps else None,
@@ -174,6 +224,7 @@ def main(s: Settings) -> dict | None:
         return None
     if s.batch_size < 1 or s.max_length < 0:
         raise UserError("--batch_size must be >= 1 and --max_length >= 0")
+    check_pair_settings(s)
     rows = read_jsonl(s.samples, required={"prompt": (str, list), "responses": list})
     check_rows(rows, s.samples)
     d = setup_distributed()
@@ -186,13 +237,11 @@ def main(s: Settings) -> dict | None:
     rows = [{**row, "responses": [{**r, "score": v} for r, v in zip(row["responses"], scores[i])]}
             for i, row in enumerate(rows)]
     pairs, drops = [], {"tie": 0, "below_margin": 0, "fewer_than_two": 0}
-    for row in rows:
-        pair, why = make_pair(row, s.min_margin, s.keep_unfinished)
-        if pair:
-            pairs.append(pair)
-        else:
-            drops[why] += 1
-    stats = label_stats(rows, pairs, drops, s.keep_unfinished)
+    for i, row in enumerate(rows):
+        kept, dropped = make_pairs(row, i, s)
+        pairs += kept
+        drops = {why: drops[why] + dropped[why] for why in drops}
+    stats = label_stats(rows, pairs, drops, s)
     if d.is_main:
         write_jsonl(out / "scores.jsonl", rows)
         atomic_write_text(out / "label_stats.json", json.dumps(stats, indent=1) + "\n")

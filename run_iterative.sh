@@ -4,6 +4,7 @@
 #
 #   bash run_iterative.sh                        # embedded default: tiny model, synthetic task, iLR-DPO
 #   LOSS=dpo bash run_iterative.sh               # the same with vanilla iterative DPO
+#   LOSS=sigmoid+sft PAIR_RULE=best_second bash run_iterative.sh   # a mixture; label.py's --pair_rule
 #   bash run_iterative.sh configs/storm7b.env    # a recipe: KEY=VALUE lines, '#' comments, read as data
 #   DRY_RUN=1 bash run_iterative.sh              # print each stage's command instead of running it
 #
@@ -18,7 +19,7 @@ set -euo pipefail
 caller=$PWD
 cd "$(dirname "$0")"
 
-KNOWN_KEYS=" DRY_RUN NAME RUNS_DIR NPROC K LOSS LOSS_ARGS REF BASE_MODEL SFT_DATA SFT_DIR SFT_CONFIG DPO_CONFIG PROMPTS EVAL_PROMPTS N TEMPERATURE TOP_P MAX_NEW_TOKENS REWARD GOLD EMBEDDED_DIR SEED EXTRA_FLAGS SAMPLE_ARGS LABEL_ARGS EVAL_ARGS WANDB_PROJECT "
+KNOWN_KEYS=" DRY_RUN NAME RUNS_DIR NPROC K LOSS LOSS_ARGS REF BASE_MODEL SFT_DATA SFT_DIR SFT_CONFIG DPO_CONFIG PROMPTS EVAL_PROMPTS N TEMPERATURE TOP_P MAX_NEW_TOKENS REWARD GOLD PAIR_RULE EMBEDDED_DIR SEED EXTRA_FLAGS SAMPLE_ARGS LABEL_ARGS EVAL_ARGS WANDB_PROJECT "
 from_recipe=" "  # the keys the recipe file set
 
 read_recipe() {  # KEY=VALUE lines; one pair of surrounding quotes is stripped; nothing is evaluated
@@ -55,7 +56,7 @@ scorer_path() {  # a reward model path, or path/to/file.py:function, or module:f
 }
 if [ "$#" -eq 1 ]; then read_recipe "$(caller_path "$1")"; else read_recipe configs/embedded.env; fi
 
-: "${LOSS:=ilrdpo}"                        # any name in losses.LOSSES
+: "${LOSS:=ilrdpo}"                        # any name in losses.LOSSES, or several joined by + (a mixture)
 : "${NAME:=$LOSS}"                         # the run: everything of it goes to RUNS_DIR/NAME
 : "${RUNS_DIR:=runs}"
 : "${NPROC:=1}"                            # processes per stage (torchrun --nproc_per_node)
@@ -86,6 +87,7 @@ for key in PROMPTS EVAL_PROMPTS REWARD GOLD; do [ -n "${!key:-}" ] || missing+="
 : "${MAX_NEW_TOKENS:=256}"                 # generation limit for sampling and evaluation (the stages' default)
 : "${REWARD:=}"                            # label.py's reward: module:function, file.py:function, or a model
 : "${GOLD:=}"                              # evaluate.py's gold scorer, likewise
+: "${PAIR_RULE:=best_worst}"               # label.py's --pair_rule (its --length_penalty goes in LABEL_ARGS)
 : "${SEED:=0}"                             # base seed; iteration k samples and trains with SEED + k
 : "${EXTRA_FLAGS:=}"                       # flags for every python stage, e.g. "--trust_remote_code"
 : "${SAMPLE_ARGS:=}" "${LABEL_ARGS:=}" "${EVAL_ARGS:=}"  # extra flags of one stage, split on spaces
@@ -154,8 +156,8 @@ for k in $(seq 1 "$K"); do
   fi
   if [ ! -e "$it/pairs.jsonl" ]; then
     log "iter $k: label with $REWARD"
-    stage label.py --samples "$it/samples.jsonl" --output_dir "$it" "${reward_flags[@]}" \
-      ${label_args[@]+"${label_args[@]}"}
+    stage label.py --samples "$it/samples.jsonl" --output_dir "$it" "${reward_flags[@]}" --pair_rule "$PAIR_RULE" \
+      --seed "$((SEED + k))" ${label_args[@]+"${label_args[@]}"}
   fi
   if [ "$REF" = initial ]; then ref=$start_model; else ref=$policy; fi
   if [ ! -e "$it/model/model.safetensors" ]; then

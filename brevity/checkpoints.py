@@ -25,11 +25,14 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def _train_state(policy, optimizer):
+def _train_state(policy, optimizer, reference=None):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     optim = get_optimizer_state_dict(policy, optimizer)
-    return {"model": get_model_state_dict(policy), "optimizer": optim["state"]}, optim["param_groups"]
+    state = {"model": get_model_state_dict(policy), "optimizer": optim["state"]}
+    if reference is not None:
+        state["reference"] = get_model_state_dict(reference)
+    return state, optim["param_groups"]
 
 
 def _rng_state() -> dict:
@@ -63,8 +66,9 @@ def _one_process_dcp():
 
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, policy, optimizer, d: Dist,
-                    info: dict | None = None) -> Path:
-    """Write output_dir/checkpoint-STEP (model, optimizer, step, RNG states) and delete older ones.
+                    info: dict | None = None, reference=None) -> Path:
+    """Write output_dir/checkpoint-STEP (model, optimizer, step, RNG states; a reference model that
+    changes while training, if given) and delete older ones.
 
     Atomic: every process writes into a temporary directory, then rank 0 renames it, so a
     checkpoint directory is either complete or absent; an interrupted save leaves the last one.
@@ -76,7 +80,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, policy, optimizer, d:
     if d.is_main:
         rmtree(tmp)
     barrier(d)
-    state, param_groups = _train_state(policy, optimizer)
+    state, param_groups = _train_state(policy, optimizer, reference)
     with _one_process_dcp():
         dcp.save(state, checkpoint_id=tmp)
     atomic_write_text(tmp / f"rng_rank{d.rank}.json", json.dumps(_rng_state()))
@@ -95,18 +99,21 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, policy, optimizer, d:
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, policy, optimizer, d: Dist) -> dict:
-    """Load a `save_checkpoint` directory into policy and optimizer (resharding as needed); return
-    its trainer_state.json (with "step": the optimizer steps already done)."""
+def load_checkpoint(path: str | os.PathLike, policy, optimizer, d: Dist, reference=None) -> dict:
+    """Load a `save_checkpoint` directory into policy and optimizer (and the reference, if it was saved
+    with one), resharding as needed; return its trainer_state.json (with "step": the optimizer steps
+    already done)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
     info = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    state, _ = _train_state(policy, optimizer)
+    state, _ = _train_state(policy, optimizer, reference)
     with _one_process_dcp():
         dcp.load(state, checkpoint_id=path)
     set_model_state_dict(policy, state["model"])
+    if reference is not None:
+        set_model_state_dict(reference, state["reference"])
     set_optimizer_state_dict(policy, optimizer, {"state": state["optimizer"], "param_groups": info["param_groups"]})
     rng = path / f"rng_rank{d.rank}.json"
     if rng.exists():  # absent when resuming on more processes than saved: the data order needs no RNG

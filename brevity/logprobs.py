@@ -1,9 +1,10 @@
-"""Per-sequence log-probabilities. logp(y) = sum over response tokens of log pi(y_t | x, y_<t), in
-float32, computed chunk by chunk so that no [B, T, V] float32 tensor exists.
+"""Response log-probabilities, per sequence (logp(y) = sum over response tokens of log pi(y_t | x, y_<t))
+or per token, in float32, computed chunk by chunk so that no [B, T, V] float32 tensor exists.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -11,50 +12,86 @@ from brevity.dist import all_reduce_sum
 from brevity.tokens import collate
 
 
-def _chunk_token_logps(lm_head, hidden, targets):
+def _chunk_token_logps(lm_head, hidden, targets, sum_sq: bool = False):
     # logit[target] - logsumexp(logits) == log_softmax(logits)[target], without a second [N, V] tensor
     logits = lm_head(hidden).float()
-    return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    log_z = logits.logsumexp(-1)
+    logps = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+    if not sum_sq:
+        return logps
+    with torch.no_grad():  # log sum_v p_v^2 = logsumexp(2 * logits) - 2 * logsumexp(logits); WPO's, no gradient
+        return logps, (2 * logits).logsumexp(-1) - 2 * log_z
 
 
-def _chunked_logps(lm_head, hidden, targets, chunk_size: int, checkpoint_chunks: bool):
+def _chunked_logps(lm_head, hidden, targets, chunk_size: int, checkpoint_chunks: bool, sum_sq: bool = False):
     """`_chunk_token_logps` over the positions (dim -2) of [B, T, H] or [N, H] hidden states, a chunk
     at a time. Under autograd each chunk's logits are recomputed in backward (activation
-    checkpointing), so only one chunk's logits are ever alive."""
+    checkpointing), so only one chunk's logits are ever alive. With `sum_sq`, a pair of tensors."""
     from torch.utils.checkpoint import checkpoint
 
     dim = hidden.dim() - 2
+    one_chunk = functools.partial(_chunk_token_logps, sum_sq=sum_sq)
     out = []
     for start in range(0, hidden.shape[dim], chunk_size):
         width = min(chunk_size, hidden.shape[dim] - start)
         h, t = hidden.narrow(dim, start, width), targets.narrow(dim, start, width)
         if checkpoint_chunks:
-            out.append(checkpoint(_chunk_token_logps, lm_head, h, t, use_reentrant=False))
+            out.append(checkpoint(one_chunk, lm_head, h, t, use_reentrant=False))
         else:
-            out.append(_chunk_token_logps(lm_head, h, t))
-    return torch.cat(out, dim=dim) if out else hidden.new_zeros(targets.shape, dtype=torch.float32)
+            out.append(one_chunk(lm_head, h, t))
+    if not out:
+        empty = hidden.new_zeros(targets.shape, dtype=torch.float32)
+        return (empty, empty) if sum_sq else empty
+    return tuple(torch.cat(parts, dim=dim) for parts in zip(*out)) if sum_sq else torch.cat(out, dim=dim)
 
 
-def sequence_logps(model, input_ids, attention_mask, response_mask, position_ids=None, chunk_size: int = 1024):
-    """Sum of response-token log-probs per sequence, float32 [B]; `response_mask` [B, T] marks the
-    tokens of `input_ids` that belong to the response (EOS included).
+def _packed_response_logps(model, input_ids, attention_mask, response_mask, position_ids, chunk_size: int,
+                           sum_sq: bool = False):
+    """(log-probs of the batch's N response tokens [N], in row-major order; with `sum_sq` also log sum_v p_v^2
+    at each, else None; the [B, T-1] mask of the positions whose next token is a response token).
 
     The LM head runs only where the next token is a response token: those hidden states are packed
-    into [N, H] (N = response tokens in the batch) and go through the head `chunk_size` tokens at a
-    time, so prompt and padding positions cost no LM-head work and the peak is chunk_size x V floats.
+    into [N, H] and go through the head `chunk_size` tokens at a time, so prompt and padding positions
+    cost no LM-head work and the peak is chunk_size x V floats.
     """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids, use_cache=False).last_hidden_state
     predicts_response = response_mask[:, 1:].bool()  # hidden state t predicts token t + 1
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts_response)
-    logps = _chunked_logps(model.get_output_embeddings(), hidden[:, :-1][predicts_response],
-                           input_ids[:, 1:][predicts_response], chunk_size, torch.is_grad_enabled())
-    return logps.new_zeros(input_ids.shape[0]).index_add(0, rows[predicts_response], logps)
+    out = _chunked_logps(model.get_output_embeddings(), hidden[:, :-1][predicts_response],
+                         input_ids[:, 1:][predicts_response], chunk_size, torch.is_grad_enabled(), sum_sq)
+    logps, log_sum_sq = out if sum_sq else (out, None)
+    return logps, log_sum_sq, predicts_response
+
+
+def sequence_logps(model, input_ids, attention_mask, response_mask, position_ids=None, chunk_size: int = 1024):
+    """Sum of response-token log-probs per sequence, float32 [B]; `response_mask` [B, T] marks the
+    tokens of `input_ids` that belong to the response (EOS included)."""
+    logps, _, predicts = _packed_response_logps(model, input_ids, attention_mask, response_mask, position_ids,
+                                                chunk_size)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts)
+    return logps.new_zeros(input_ids.shape[0]).index_add(0, rows[predicts], logps)
+
+
+def token_logps(model, input_ids, attention_mask, response_mask, position_ids=None, chunk_size: int = 1024,
+                sum_sq: bool = False):
+    """Response-token log-probs per token, float32 [B, R] (R: the batch's longest response): column t is the
+    response's t-th token (EOS included), zeros past its end. With `sum_sq`, also log sum_v pi(v | x, y_<t)^2
+    at each token, [B, R] without gradient (WPO's weights): a pair of tensors."""
+    logps, log_sum_sq, predicts = _packed_response_logps(model, input_ids, attention_mask, response_mask,
+                                                         position_ids, chunk_size, sum_sq)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts)[predicts]
+    columns = (predicts.cumsum(1) - 1)[predicts]
+    shape = (input_ids.shape[0], int(predicts.sum(1).max()) if predicts.numel() else 0)
+
+    def unpack(values):
+        return values.new_zeros(shape).index_put((rows, columns), values)
+
+    return (unpack(logps), unpack(log_sum_sq)) if sum_sq else unpack(logps)
 
 
 class SequenceLogps(torch.nn.Module):
     """A causal LM whose forward returns per-sequence response log-probs, float32 [B]
-    (`sequence_logps`).
+    (`sequence_logps`), or with `per_token` per-token ones [B, R] (`token_logps`, and its `sum_sq`).
 
     Why a module: `sequence_logps` calls the decoder and the LM head directly, never the LM's own
     forward, so under FSDP2 the LM's root parameters (embeddings, final norm, LM head) must belong
@@ -67,17 +104,22 @@ class SequenceLogps(torch.nn.Module):
         self.chunk_size = chunk_size
         self.autocast_dtype = autocast_dtype
 
-    def forward(self, input_ids, attention_mask, response_mask):
+    def forward(self, input_ids, attention_mask, response_mask, per_token: bool = False, sum_sq: bool = False):
         autocast = (torch.autocast(input_ids.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
+            if per_token:
+                return token_logps(self.model, input_ids, attention_mask, response_mask, chunk_size=self.chunk_size,
+                                   sum_sq=sum_sq)
             return sequence_logps(self.model, input_ids, attention_mask, response_mask, chunk_size=self.chunk_size)
 
 
 @torch.no_grad()
 def response_logps(policy: SequenceLogps, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
-                   d=None) -> torch.Tensor:
-    """logp(response | prompt) of every (prompt ids, response ids) pair, float32 [N] on CPU.
+                   d=None, per_token: bool = False) -> torch.Tensor:
+    """logp(response | prompt) of every (prompt ids, response ids) pair, float32 [N] on CPU; with
+    `per_token`, the log-prob of every response token instead, float32 [sum of the response lengths]:
+    example after example, each response's tokens in order.
 
     Batches of `batch_size` sequences sorted by length. With `d` (a `dist.Dist` of several processes)
     the examples are split over the processes and every process gets all N values; under FSDP every
@@ -87,15 +129,22 @@ def response_logps(policy: SequenceLogps, examples: list[tuple[list[int], list[i
     rank, world = (d.rank, d.world_size) if d else (0, 1)
     device = next(policy.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
-    total, count = torch.zeros(len(examples)), torch.zeros(len(examples))
+    lengths = torch.tensor([len(r) for _, r in examples]) if per_token else torch.ones(len(examples), dtype=torch.long)
+    starts = torch.cumsum(lengths, 0) - lengths
+    total, count = torch.zeros(int(lengths.sum())), torch.zeros(len(examples))
     group = batch_size * world
     for start in range(0, len(order), group):
         ids = order[start:start + group][rank * batch_size:(rank + 1) * batch_size] or order[start:start + 1]
-        total[ids] += policy(*collate([examples[i] for i in ids], pad_id, device)).float().cpu()
+        values = policy(*collate([examples[i] for i in ids], pad_id, device), per_token=per_token).float().cpu()
+        if per_token:
+            for row, i in enumerate(ids):
+                total[starts[i]:starts[i] + lengths[i]] += values[row, :lengths[i]]
+        else:
+            total[ids] += values
         count[ids] += 1
     if world > 1:
         # A forward without backward leaves FSDP2's root parameters gathered and registered in place
         # of the sharded ones; put the sharded ones back (what an optimizer must hold).
         policy.reshard()
         total, count = all_reduce_sum(d, total.to(device)).cpu(), all_reduce_sum(d, count.to(device)).cpu()
-    return total / count
+    return total / count.repeat_interleave(lengths)

@@ -236,10 +236,11 @@ class Run:
             print(f"{self.script}: {what}{self.total_steps} steps of {self.s.batch_size} {self.unit} "
                   f"({self.per_epoch} per epoch) on {self.d.world_size} process(es)")
 
-    def resume(self, policy, optimizer) -> None:
-        """Load the checkpoint to resume from, if any, and open metrics.jsonl from that step on."""
+    def resume(self, policy, optimizer, reference=None) -> None:
+        """Load the checkpoint to resume from, if any (with the reference, when one changes while training),
+        and open metrics.jsonl from that step on."""
         if self.checkpoint:
-            self.start_step = load_checkpoint(self.checkpoint, policy, optimizer, self.d)["step"]
+            self.start_step = load_checkpoint(self.checkpoint, policy, optimizer, self.d, reference)["step"]
             if self.d.is_main:
                 print(f"resuming from {self.checkpoint} (step {self.start_step} of {self.total_steps})")
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.d, resume_step=self.start_step)
@@ -277,8 +278,9 @@ class Run:
                 "No checkpoint was written yet (see --save_every); lower --lr or check the data")
         raise UserError(f"{self.script}.py: step {step + 1}: {name} is {value}; stopping. {last}")
 
-    def log_step(self, step: int, batch: list[int], values: dict, policy, optimizer) -> None:
-        """Append step `step`'s metrics row and write a checkpoint every --save_every steps."""
+    def log_step(self, step: int, batch: list[int], values: dict, policy, optimizer, reference=None) -> None:
+        """Append step `step`'s metrics row and write a checkpoint every --save_every steps (with the
+        reference, when one changes while training)."""
         now = time.time()
         self.last_row = {"step": step + 1, "epoch": (step + 1) / self.per_epoch, **values,
                          f"{self.unit}_per_s": len(batch) / (now - self.step_began), "time": now}
@@ -287,7 +289,8 @@ class Run:
         self.bar.update()
         self.bar.set_postfix(loss=f"{values['loss']:.4f}")
         if self.s.save_every and (step + 1) % self.s.save_every == 0 and step + 1 < self.total_steps:
-            save_checkpoint(self.out, step + 1, policy, optimizer, self.d, {"total_steps": self.total_steps})
+            save_checkpoint(self.out, step + 1, policy, optimizer, self.d, {"total_steps": self.total_steps},
+                            reference)
 
     def finish(self, policy, tokenizer, summary: dict | None = None, keep: tuple[str, ...] = ()) -> None:
         """Write summary.json, then the final model (atomic, carrying the run's small files)."""

@@ -1,8 +1,13 @@
-"""Shared fixtures: a tiny Llama with a small locally trained tokenizer, and tiny data files.
+"""Shared fixtures: tiny Llamas with small local tokenizers, tiny data files, one torch thread (autouse).
 
-Everything is built on the spot (no downloads): a byte-level BPE tokenizer trained with the
-`tokenizers` library on a few sentences, with <pad>/<bos>/<eos> and a chat template; a 2-layer Llama
-(hidden 32, tied embeddings) from a seeded config; preference and SFT rows from seeded word lists.
+Everything is built on the spot (no downloads):
+- a byte-level BPE tokenizer trained with the `tokenizers` library on a few sentences, with
+  <pad>/<bos>/<eos> and a chat template, and a 2-layer Llama (hidden 32, tied embeddings) from a
+  seeded config (`tiny_tokenizer`, `tiny_model_dir`): any text encodes, nothing is <unk>;
+- a word-level tokenizer (one token per word, decode joins words with spaces) and a 2-layer Llama
+  with larger initial weights, so that greedy outputs differ between prompts (`policy_dir`):
+  token counts and texts can be read off the words;
+- preference and SFT rows from seeded word lists, written as JSONL (`write_jsonl`).
 """
 from __future__ import annotations
 
@@ -25,6 +30,13 @@ CHAT_TEMPLATE = (  # <bos><|user|>list three fruits<|assistant|>apple, pear, plu
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+WORD_VOCAB = "list name give two three four fruits colors apple pear plum red blue green and or".split()
+WORD_TEMPLATE = (  # <bos> user: list two fruits assistant: apple pear <eos>
+    "{{ bos_token }}{% for m in messages %} {{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %} {{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} assistant:{% endif %}"
+)
+WORD_SPECIALS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 
 
 def sentence(rng: random.Random, low: int, high: int) -> str:
@@ -63,6 +75,41 @@ def make_model(tokenizer, seed: int = 0, **overrides):
         return LlamaForCausalLM(LlamaConfig(**config)).eval()
 
 
+def make_word_tokenizer(vocab: list[str] | None = None, chat_template: str | None = WORD_TEMPLATE,
+                        **special_tokens):
+    """A word-level tokenizer: token i is vocab[i], text splits on whitespace, decode joins with spaces.
+    Default: <pad> <bos> <eos> <unk> (ids 0-3), the role words user: and assistant:, then WORD_VOCAB;
+    `special_tokens` (pad_token=..., eos_token=...) name the specials of another vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab is None:
+        vocab, special_tokens = [*WORD_SPECIALS.values(), "user:", "assistant:", *WORD_VOCAB], WORD_SPECIALS
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=special_tokens.get("unk_token")))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template,
+                                   clean_up_tokenization_spaces=False, **special_tokens)
+
+
+def save_word_model(path: Path, tokenizer, seed: int = 0, model_class: str = "LlamaForCausalLM",
+                    **overrides) -> Path:
+    """A tiny Llama (`model_class`, e.g. LlamaForSequenceClassification) for a word-level tokenizer, with
+    initializer_range 0.2 so that greedy outputs differ between prompts, saved with the tokenizer."""
+    import torch
+    import transformers
+
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                  initializer_range=0.2, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    config.update(overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        getattr(transformers, model_class)(transformers.LlamaConfig(**config)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def save_model_dir(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
     model = make_model(tokenizer, seed, **overrides)
     model.save_pretrained(path, safe_serialization=True)
@@ -70,8 +117,12 @@ def save_model_dir(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def jsonl_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(jsonl_text(rows), encoding="utf-8")
     return path
 
 
@@ -79,6 +130,19 @@ def pref_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt": sentence(rng, 2, 10), "chosen": sentence(rng, 1, 8), "rejected": sentence(rng, 1, 8)}
             for _ in range(n)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread for every test: tiny models gain nothing from threads, on a busy 2-core machine
+    a second thread spins (examples/toy_3d.py's 800 Adam steps take 20 times longer with two), and one
+    thread makes reruns in one process bitwise equal. Subprocesses get OMP_NUM_THREADS=1 from their test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -120,3 +184,9 @@ def smollm2_dir(tmp_path_factory) -> Path:
     except UserError as e:
         pytest.skip(f"no SmolLM2 GGUF: {e}")
     return gguf_to_hf.main(gguf_to_hf.Settings(output_dir=str(tmp_path_factory.mktemp("smollm2") / "model")))
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tmp_path_factory) -> Path:
+    """A word-level tiny Llama directory (`make_word_tokenizer()`, `save_word_model`, seed 0)."""
+    return save_word_model(tmp_path_factory.mktemp("policy") / "model", make_word_tokenizer())

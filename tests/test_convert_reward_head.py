@@ -205,9 +205,6 @@ def test_interrupted_conversion_leaves_no_output_and_a_rerun_completes(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
 
 
-# ---------------------------------------------------------------------------------------------
-# OpenAssistant's GPTNeoXRewardModel (oasst-rm-2.1-pythia-1.4b-epoch-2.5, the recipes' gold RM)
-
 OASST_FORMAT = "<|prompter|>{prompt}<|endoftext|><|assistant|>{response}<|endoftext|>"  # as in the recipes
 
 

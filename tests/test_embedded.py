@@ -60,13 +60,23 @@ def test_data_is_byte_identical_for_a_seed(data, tmp_path):
 
 
 def test_every_prompt_names_its_count_and_category(data):
+    """Each prompt parses into a count, a category and, for some prompts, an item of it to leave out."""
+    exclusions = 0
     for name in ("sft.jsonl", "prompts.jsonl", "eval.jsonl", "prefs.jsonl"):
         for row in read(data / name):
             n, category, excluded = embedded.parse_prompt(row["prompt"])
             assert n in embedded.COUNTS and category in embedded.CATEGORIES
             assert excluded is None or excluded in embedded.CATEGORIES[category]
+            exclusions += excluded is not None
+    assert exclusions > 0
+
+
+def test_sft_rows_are_a_prompt_and_a_non_empty_response(data):
     for row in read(data / "sft.jsonl"):
         assert row["response"] and set(row) == {"prompt", "response"}
+
+
+def test_eval_rows_have_a_reference_answer_with_the_count_asked_for(data):
     for row in read(data / "eval.jsonl"):
         assert set(row) == {"prompt", "chosen"}
         assert len(row["chosen"].split(",")) == embedded.parse_prompt(row["prompt"])[0]

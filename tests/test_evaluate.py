@@ -1,76 +1,44 @@
-"""evaluate.py: KL of the SFT model against itself is 0; win rates in [0, 1]; the length-controlled
+"""evaluate.py: KL of the SFT model against itself is 0; every metric in eval.json is its mean over the
+per-prompt details (gold scores, win rates with a tie counted half, KL, lengths); the length-controlled
 win rate is the plain one when lengths are equal and removes a pure length effect; output files in
-their formats; SFT generations reused; the summary table over iterations."""
+their formats; saved SFT generations reused, and refused when made with other settings or another
+model; the summary table over iterations. The models are conftest's word-level tiny Llamas."""
 from __future__ import annotations
 
+import importlib
 import json
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import WORD_VOCAB, make_word_tokenizer, save_word_model, write_jsonl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from brevity import config, files, tokens  # noqa: E402
-import evaluate  # noqa: E402
-
-WORDS = "list name give two three fruits colors apple pear plum red blue green and or".split()
-TEMPLATE = ("{{ bos_token }}{% for m in messages %} {{ m['role'] }}: {{ m['content'] }}"
-            "{% if m['role'] == 'assistant' %} {{ eos_token }}{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %} assistant:{% endif %}")
-
-
-def save_policy(path: Path, seed: int) -> Path:
-    """A tiny LlamaForCausalLM with a word-level tokenizer (decode joins words with spaces)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "user:", "assistant:", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                        unk_token="<unk>", chat_template=TEMPLATE, clean_up_tokenization_spaces=False)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                         initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy 2-core machine makes them spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from brevity import config, files, tokens
+import evaluate
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    """sft, a copy of it under another path (same weights), and another policy (other weights)."""
+def models(tmp_path_factory, policy_dir) -> dict[str, Path]:
+    """sft (conftest's word-level policy), a copy of it under another path (same weights), and another
+    policy (other weights)."""
     root = tmp_path_factory.mktemp("models")
-    sft = save_policy(root / "sft", seed=0)
-    shutil.copytree(sft, root / "sft_copy")
-    return {"sft": sft, "sft_copy": root / "sft_copy", "policy": save_policy(root / "policy", seed=1)}
+    shutil.copytree(policy_dir, root / "sft_copy")
+    return {"sft": policy_dir, "sft_copy": root / "sft_copy",
+            "policy": save_word_model(root / "policy", make_word_tokenizer(), seed=1)}
 
 
 @pytest.fixture(scope="module")
 def eval_file(tmp_path_factory) -> Path:
     rng = random.Random(0)
-    rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
-             "chosen": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 5)))} for _ in range(12)]
+    rows = [{"prompt": " ".join(rng.choice(WORD_VOCAB) for _ in range(rng.randint(1, 6))),
+             "chosen": " ".join(rng.choice(WORD_VOCAB) for _ in range(rng.randint(1, 5)))} for _ in range(12)]
     rows[3]["prompt"] = [{"role": "user", "content": "list two fruits"}]
     rows[4]["dataset"] = "helpful"
-    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("eval") / "eval.jsonl", rows)
 
 
 @pytest.fixture(scope="module")
@@ -102,48 +70,109 @@ def test_kl_of_the_sft_model_against_itself_is_zero(models, eval_file, gold_modu
     assert result["length"] == result["length_sft"] and result["gold_score"] == result["gold_score_sft"]
 
 
-def test_metrics_and_output_files_are_well_formed(models, eval_file, gold_module, tmp_path):
-    result = run_eval(models, eval_file, gold_module, tmp_path / "eval", sft_generations=str(tmp_path / "sft.jsonl"))
-    for key in ("win_rate_vs_chosen", "win_rate_vs_sft", "lc_win_rate_vs_sft", "share_without_eos"):
-        assert 0.0 <= result[key] <= 1.0
-    assert result["prompts"] == 12 and result["kl_vs_sft"] != 0.0
-    assert all(isinstance(result[k], float) and result[k] == result[k] for k in
-               ("gold_score", "kl_vs_sft", "kl_per_token_vs_sft", "length", "length_sft", "length_chosen"))
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == result
+@pytest.fixture(scope="module")
+def evaluated(models, eval_file, gold_module, tmp_path_factory) -> dict:
+    """One evaluation of the policy against the SFT model, its SFT generations saved for reuse:
+    {"result", "out", "sft_file", "details", "generations"}."""
+    root = tmp_path_factory.mktemp("evaluated")
+    result = run_eval(models, eval_file, gold_module, root / "eval", sft_generations=str(root / "sft.jsonl"))
+    return {"result": result, "out": root / "eval", "sft_file": root / "sft.jsonl",
+            "details": files.read_jsonl(root / "eval" / "details.jsonl"),
+            "generations": json.loads((root / "eval" / "generations.json").read_text())}
 
-    rows = files.read_jsonl(eval_file)
-    generations = json.loads((tmp_path / "eval" / "generations.json").read_text())
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def test_eval_json_holds_the_returned_metrics(evaluated):
+    assert json.loads((evaluated["out"] / "eval.json").read_text()) == evaluated["result"]
+    assert evaluated["result"]["prompts"] == 12 and len(evaluated["details"]) == 12
+
+
+def test_gold_scores_are_the_gold_functions_means_over_the_prompts(evaluated, gold_module):
+    """details.jsonl holds the gold scorer's value of each response; eval.json their means."""
+    score = importlib.import_module(gold_module.split(":")[0]).score
+    result, details = evaluated["result"], evaluated["details"]
+    for side, output in (("gold", "output"), ("sft_gold", "sft_output"), ("chosen_gold", "chosen")):
+        assert [d[side] for d in details] == pytest.approx(score(None, [d[output] for d in details])), side
+    assert result["gold_score"] == pytest.approx(mean(d["gold"] for d in details))
+    assert result["gold_score_sft"] == pytest.approx(mean(d["sft_gold"] for d in details))
+    assert result["gold_score_chosen"] == pytest.approx(mean(d["chosen_gold"] for d in details))
+
+
+def test_win_rates_are_the_shares_of_prompts_won_with_a_tie_counted_half(evaluated):
+    result, details = evaluated["result"], evaluated["details"]
+    assert any(d["gold"] == d["sft_gold"] for d in details)  # a tie occurs, so its half is checked
+
+    def wins(other):
+        return [1.0 if d["gold"] > d[other] else 0.5 if d["gold"] == d[other] else 0.0 for d in details]
+    assert result["win_rate_vs_sft"] == pytest.approx(mean(wins("sft_gold")))
+    assert result["win_rate_vs_chosen"] == pytest.approx(mean(wins("chosen_gold")))
+    assert 0.0 <= result["lc_win_rate_vs_sft"] <= 1.0
+
+
+def test_kl_is_the_mean_log_ratio_of_the_policy_responses(evaluated):
+    result, details = evaluated["result"], evaluated["details"]
+    assert result["kl_vs_sft"] != 0.0  # another policy
+    assert result["kl_vs_sft"] == pytest.approx(mean(d["logp"] - d["sft_logp"] for d in details))
+    assert result["kl_per_token_vs_sft"] == pytest.approx(mean((d["logp"] - d["sft_logp"]) / d["num_tokens"]
+                                                               for d in details))
+
+
+def test_lengths_are_mean_response_tokens_and_share_without_eos_the_cut_ones(evaluated):
+    """A response cut at max_new_tokens (10) has 10 tokens, one that ended has at most 10 with its EOS;
+    the chosen response's count is its words plus EOS (one token per word here)."""
+    result, details = evaluated["result"], evaluated["details"]
+    for d in details:
+        for prefix in ("", "sft_"):
+            n, finish = d[f"{prefix}num_tokens"], d[f"{prefix}finish_reason"]
+            assert n == 10 if finish == "length" else (finish == "eos" and 1 <= n <= 10), d
+        assert d["chosen_num_tokens"] == len(d["chosen"].split()) + 1
+    assert result["length"] == pytest.approx(mean(d["num_tokens"] for d in details))
+    assert result["length_sft"] == pytest.approx(mean(d["sft_num_tokens"] for d in details))
+    assert result["length_chosen"] == pytest.approx(mean(d["chosen_num_tokens"] for d in details))
+    assert result["share_without_eos"] == mean(d["finish_reason"] == "length" for d in details)
+
+
+def test_generations_json_is_alpacaeval_model_outputs_in_prompt_order(evaluated, eval_file, models):
+    rows, generations = files.read_jsonl(eval_file), evaluated["generations"]
     assert [set(g) for g in generations] == [{"instruction", "output", "generator", "dataset"}] * 12
     assert [g["instruction"] for g in generations] == [tokens.prompt_user_text(r["prompt"]) for r in rows]
     assert generations[3]["instruction"] == "list two fruits" and generations[4]["dataset"] == "helpful"
     assert generations[0]["dataset"] == "eval" and generations[0]["generator"] == str(models["policy"])
-
-    details = files.read_jsonl(tmp_path / "eval" / "details.jsonl")
-    assert [d["output"] for d in details] == [g["output"] for g in generations]
-    kl = sum(d["logp"] - d["sft_logp"] for d in details) / 12
-    assert result["kl_vs_sft"] == pytest.approx(kl)
-    wins = [1.0 if d["gold"] > d["sft_gold"] else 0.5 if d["gold"] == d["sft_gold"] else 0.0 for d in details]
-    assert result["win_rate_vs_sft"] == pytest.approx(sum(wins) / 12)
-    sft = files.read_jsonl(tmp_path / "sft.jsonl")
-    assert [r["output"] for r in sft] == [d["sft_output"] for d in details]
-    assert sft[0]["seed"] == 0 and sft[0]["max_new_tokens"] == 10
+    assert [g["output"] for g in generations] == [d["output"] for d in evaluated["details"]]
 
 
-def test_saved_sft_generations_are_reused(models, eval_file, gold_module, tmp_path, monkeypatch):
-    sft_file = tmp_path / "sft.jsonl"
-    first = run_eval(models, eval_file, gold_module, tmp_path / "a", sft_generations=str(sft_file))
+def test_sft_generations_file_holds_the_sft_responses_and_their_settings(evaluated, models):
+    sft = files.read_jsonl(evaluated["sft_file"])
+    assert [r["output"] for r in sft] == [d["sft_output"] for d in evaluated["details"]]
+    assert sft[0]["seed"] == 0 and sft[0]["max_new_tokens"] == 10 and sft[0]["generator"] == str(models["sft"])
+
+
+def test_saved_sft_generations_are_reused(evaluated, models, eval_file, gold_module, tmp_path, monkeypatch):
     calls = []
     real = evaluate.generate_responses
     monkeypatch.setattr(evaluate, "generate_responses", lambda *a, **k: calls.append(1) or real(*a, **k))
-    second = run_eval(models, eval_file, gold_module, tmp_path / "b", sft_generations=str(sft_file))
+    again = run_eval(models, eval_file, gold_module, tmp_path / "b", sft_generations=str(evaluated["sft_file"]))
     assert len(calls) == 1  # the policy only
-    assert second == {**first, "model": second["model"]}
+    assert again == {**evaluated["result"], "model": again["model"]}
+
+
+def test_saved_sft_generations_with_other_sampling_settings_are_an_error(evaluated, models, eval_file, gold_module,
+                                                                         tmp_path):
     with pytest.raises(config.UserError, match="max_new_tokens 10 \\(now 12\\)"):
-        run_eval(models, eval_file, gold_module, tmp_path / "c", sft_generations=str(sft_file), max_new_tokens=12)
-    with pytest.raises(config.UserError, match="model .*sft \\(now .*policy\\)"):
+        run_eval(models, eval_file, gold_module, tmp_path / "c", sft_generations=str(evaluated["sft_file"]),
+                 max_new_tokens=12)
+
+
+def test_saved_sft_generations_of_another_model_are_an_error(evaluated, models, eval_file, gold_module, tmp_path):
+    changed = f"model {models['sft']} (now {models['policy']})"
+    with pytest.raises(config.UserError, match=re.escape(changed)):
         evaluate.main(evaluate.Settings(model=str(models["policy"]), sft_model=str(models["policy"]),
                                         prompts=str(eval_file), gold_fn=gold_module, output_dir=str(tmp_path / "d"),
-                                        sft_generations=str(sft_file), max_new_tokens=10))
+                                        sft_generations=str(evaluated["sft_file"]), max_new_tokens=10))
 
 
 def test_rerun_with_eval_json_present_does_nothing(models, eval_file, gold_module, tmp_path, monkeypatch):

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
@@ -41,9 +40,6 @@ def parse(script: str, argv: list[str]):
                "examples/convert_reward_head.py": (convert_reward_head.Settings,)}
     return parse_settings(dpo.settings_classes(argv) if script == "dpo.py" else classes[script], argv)
 
-
-# ---------------------------------------------------------------------------------------------
-# The configs
 
 def test_sft_config_trains_phi3_medium_on_the_safe_responses_with_batch_256():
     (s,) = parse("sft.py", ["--config", str(CONFIGS["sft"])])
@@ -118,9 +114,6 @@ def test_the_header_converts_the_oasst_gold_rm_into_the_directory_gold_model_nam
     assert conversion.output_dir == eval_s.gold_model == GOLD
 
 
-# ---------------------------------------------------------------------------------------------
-# The conversions, on rows in the sources' own schemas
-
 def pku_row(prompt, r0, r1, safe0, safe1, better, safer):
     return {"prompt": prompt, "response_0": r0, "response_1": r1, "is_response_0_safe": safe0,
             "is_response_1_safe": safe1, "better_response_id": better, "safer_response_id": safer}
@@ -194,9 +187,6 @@ def test_hh_turn_markers_inside_a_line_are_text():
                      "chosen": "It is a reply.\nHuman: no"}]
 
 
-# ---------------------------------------------------------------------------------------------
-# The script on local files, and the stages on what it writes
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
     """The CLI, run as a user runs it, on local JSONL copies of the two sources."""
@@ -251,14 +241,9 @@ def test_the_recipe_runs_end_to_end_on_a_tiny_model(converted, tiny_model_dir, t
                                       f"{gold}:score", "--output_dir", str(tmp_path / "eval"), "--sft_generations",
                                       str(tmp_path / "sft_generations.jsonl"), "--max_new_tokens", "4", "--dtype",
                                       "float32"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sft.main(sft_s)
-        dpo.main(dpo_s, hyper)
-        result = evaluate.main(eval_s)
-    finally:
-        torch.set_num_threads(threads)
+    sft.main(sft_s)
+    dpo.main(dpo_s, hyper)
+    result = evaluate.main(eval_s)
     assert json.loads((tmp_path / "lndpo" / "settings.json").read_text())["loss"] == "lndpo"
     assert result["prompts"] == 2 and 0.0 <= result["win_rate_vs_sft"] <= 1.0
     instructions = [g["instruction"] for g in json.loads((tmp_path / "eval" / "generations.json").read_text())]

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_word_tokenizer, save_word_model, write_jsonl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from brevity import config, files, scoring  # noqa: E402
-import label  # noqa: E402
+from brevity import config, files, scoring
+import label
 
 RM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q {{ m['content'] }}{% else %} "
                "A {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
@@ -23,41 +22,15 @@ RM_WORDS = "Q A fruits colors apple pear plum red blue green and or list name gi
 def rm_tokenizer():
     """The reward model's own word-level tokenizer: another vocabulary and template than any policy's,
     and pad = EOS, so every conversation ends with the pad id (the case transformers gets wrong)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *reversed(RM_WORDS)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>",
-                                   chat_template=RM_TEMPLATE, clean_up_tokenization_spaces=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy 2-core machine makes them spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    return make_word_tokenizer(["<unk>", "<eos>", *reversed(RM_WORDS)], RM_TEMPLATE, eos_token="<eos>",
+                               pad_token="<eos>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory) -> Path:
     """A tiny LlamaForSequenceClassification (one label) saved with its tokenizer: the real loading path."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    tokenizer = rm_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                         initializer_range=0.2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    path = tmp_path_factory.mktemp("rm") / "rm"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        LlamaForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_word_model(tmp_path_factory.mktemp("rm") / "rm", rm_tokenizer(),
+                           model_class="LlamaForSequenceClassification", num_labels=1)
 
 
 def response(text: str, finish: str = "eos") -> dict:
@@ -70,11 +43,6 @@ SAMPLES = [
      "responses": [response("red blue green"), response("red"), response("blue or green or red")]},
     {"prompt": "give two colors", "responses": [response("red and blue and green", "length"), response("blue")]},
 ]
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture
@@ -94,7 +62,7 @@ def reward_module(tmp_path, monkeypatch) -> str:
 
 
 def run_label(tmp_path, rows=SAMPLES, **overrides) -> dict:
-    samples = write_rows(tmp_path / "samples.jsonl", rows)
+    samples = write_jsonl(tmp_path / "samples.jsonl", rows)
     return label.main(label.Settings(samples=str(samples), **overrides))
 
 
@@ -142,8 +110,13 @@ def test_label_with_a_reward_model_directory_writes_its_scores(rm_dir, tmp_path)
                   [r["text"] for s in SAMPLES for r in s["responses"]])
     assert [r["score"] for row in rows for r in row["responses"]] == pytest.approx(expected, abs=1e-5)
     assert stats["responses_scored"] == 8
-    for pair in files.read_jsonl(tmp_path / "pairs.jsonl"):
-        assert pair["chosen_score"] > pair["rejected_score"]
+    pairs = files.read_jsonl(tmp_path / "pairs.jsonl")
+    assert len(pairs) == stats["pairs_written"] > 0
+    for pair in pairs:  # best and worst of the row's finished responses, by the model's scores
+        (row,) = [row for row in rows if row["prompt"] == pair["prompt"]]
+        finished = [r for r in row["responses"] if r["finish_reason"] == "eos"]
+        assert pair["chosen_score"] == max(r["score"] for r in finished) > pair["rejected_score"]
+        assert pair["rejected_score"] == min(r["score"] for r in finished)
 
 
 def test_reward_function_by_module_path_pairs_best_with_worst(tmp_path, reward_module):
@@ -167,30 +140,45 @@ def test_reward_function_gets_the_user_prompt_text(tmp_path, reward_module):
 
 def test_reward_function_from_a_file_path(tmp_path, reward_module):
     run_label(tmp_path, reward_fn=f"{tmp_path / 'toy_rewards.py'}:length")
-    assert len(files.read_jsonl(tmp_path / "pairs.jsonl")) == 2
+    assert [(p["chosen"], p["rejected"]) for p in files.read_jsonl(tmp_path / "pairs.jsonl")] == [
+        ("apple and pear", "apple"), ("blue or green or red", "red")]
+
+
+SAME_TEXT_TWICE = SAMPLES + [{"prompt": "list two fruits", "responses": [response("pear"), response("pear")]}]
 
 
 def test_ties_are_dropped_and_counted(tmp_path, reward_module):
-    rows = SAMPLES + [{"prompt": "list two fruits", "responses": [response("pear"), response("pear")]}]
+    """Every score equal: no pair survives, the error says so and label_stats.json counts the 3 ties
+    (the row with one finished response is not a tie)."""
     with pytest.raises(config.UserError, match="no pair survived"):
-        run_label(tmp_path, rows, reward_fn=f"{reward_module}:constant")
+        run_label(tmp_path, SAME_TEXT_TWICE, reward_fn=f"{reward_module}:constant")
     stats = json.loads((tmp_path / "label_stats.json").read_text())
     assert stats["dropped_ties"] == 3 and stats["pairs_written"] == 0 and not (tmp_path / "pairs.jsonl").exists()
-    (tmp_path / "label_stats.json").unlink()
-    stats = run_label(tmp_path, rows, reward_fn=f"{reward_module}:length")
-    assert stats["dropped_ties"] == 1  # the same text twice is a tie whatever the scores
+
+
+def test_the_same_text_as_best_and_worst_is_a_tie_whatever_the_scores(tmp_path, reward_module):
+    """`seen` scores response i as i, so the two "pear" responses get different scores (8 and 9)."""
+    stats = run_label(tmp_path, SAME_TEXT_TWICE, reward_fn=f"{reward_module}:seen")
+    scores = files.read_jsonl(tmp_path / "scores.jsonl")[3]["responses"]
+    assert [r["score"] for r in scores] == [8.0, 9.0]
+    assert stats["dropped_ties"] == 1 and stats["pairs_written"] == 2
+    assert "pear" not in [p["chosen"] for p in files.read_jsonl(tmp_path / "pairs.jsonl")]
+
+
+CUT_AND_EMPTY = [{"prompt": "give two colors", "responses": [response("red and blue and green", "length"),
+                                                             response("blue"), response("")]}]
 
 
 def test_unfinished_and_empty_responses_are_dropped_by_default(tmp_path, reward_module):
-    rows = [{"prompt": "give two colors", "responses": [response("red and blue and green", "length"),
-                                                        response("blue"), response("")]}]
     with pytest.raises(config.UserError, match="1 with fewer than two usable"):
-        run_label(tmp_path, rows, reward_fn=f"{reward_module}:length")
+        run_label(tmp_path, CUT_AND_EMPTY, reward_fn=f"{reward_module}:length")
     stats = json.loads((tmp_path / "label_stats.json").read_text())
     assert stats["dropped_unfinished"] == 1 and stats["dropped_empty"] == 1
     assert stats["share_without_eos"] == pytest.approx(1 / 3)
-    (tmp_path / "label_stats.json").unlink()
-    run_label(tmp_path, rows, reward_fn=f"{reward_module}:length", keep_unfinished=True)
+
+
+def test_keep_unfinished_pairs_a_response_cut_at_max_new_tokens(tmp_path, reward_module):
+    run_label(tmp_path, CUT_AND_EMPTY, reward_fn=f"{reward_module}:length", keep_unfinished=True)
     (pair,) = files.read_jsonl(tmp_path / "pairs.jsonl")
     assert (pair["chosen"], pair["rejected"]) == ("red and blue and green", "blue")
 
@@ -200,17 +188,27 @@ def test_pairs_below_the_margin_are_dropped(tmp_path, reward_module):
     assert stats["pairs_written"] == 1 and stats["dropped_below_margin"] == 1
 
 
-def test_pairs_file_is_what_dpo_reads(tmp_path, reward_module):
-    from dpo import PAIR_FIELDS
+def test_pairs_file_is_what_dpo_reads(tmp_path, reward_module, tiny_tokenizer):
+    """dpo.py's own reader accepts pairs.jsonl, and every row becomes a training pair: its prompt
+    (a string or chat messages) and its chosen and rejected texts, encoded as dpo.py encodes them."""
+    import dpo
 
     run_label(tmp_path, reward_fn=f"{reward_module}:length")
-    rows = files.load_rows(str(tmp_path / "pairs.jsonl"), PAIR_FIELDS)
-    assert all(isinstance(r["chosen"], str) and isinstance(r["rejected"], str) for r in rows)
+    rows = files.load_rows(str(tmp_path / "pairs.jsonl"), dpo.PAIR_FIELDS)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
+        (SAMPLES[0]["prompt"], "apple and pear", "apple"), (SAMPLES[1]["prompt"], "blue or green or red", "red")]
+    pairs, stats = dpo.encode_pairs(rows, tiny_tokenizer, dpo.Settings())
+    assert stats["pairs"] == len(rows) == 2
+    assert pairs[1][1] == tiny_tokenizer("blue or green or red", add_special_tokens=False)["input_ids"] + [
+        tiny_tokenizer.eos_token_id]
 
 
 def test_rerun_with_outputs_present_does_nothing(tmp_path, reward_module):
+    """Not even the reward runs again: `broken` would be an error."""
     run_label(tmp_path, reward_fn=f"{reward_module}:length")
+    before = {name: (tmp_path / name).read_bytes() for name in ("scores.jsonl", "pairs.jsonl", "label_stats.json")}
     assert run_label(tmp_path, reward_fn=f"{reward_module}:broken") is None
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
 def one_line_error(capsys, argv) -> str:
@@ -223,21 +221,28 @@ def one_line_error(capsys, argv) -> str:
 
 
 def test_nan_score_is_a_one_line_error_naming_the_row(tmp_path, reward_module, capsys):
-    samples = write_rows(tmp_path / "samples.jsonl", SAMPLES)
+    samples = write_jsonl(tmp_path / "samples.jsonl", SAMPLES)
     err = one_line_error(capsys, ["--samples", str(samples), "--reward_fn", f"{reward_module}:broken"])
     assert "row 2: response 2 got score nan" in err
 
 
 def test_missing_field_is_a_one_line_error_naming_the_line(tmp_path, capsys):
-    samples = write_rows(tmp_path / "samples.jsonl", [SAMPLES[0], {"prompt": "list two fruits"}])
+    samples = write_jsonl(tmp_path / "samples.jsonl", [SAMPLES[0], {"prompt": "list two fruits"}])
     err = one_line_error(capsys, ["--samples", str(samples), "--reward_fn", "embedded:proxy_reward"])
     assert "samples.jsonl:2: missing field 'responses'" in err
 
 
-def test_bad_response_and_bad_reward_spec_are_one_line_errors(tmp_path, capsys):
-    samples = write_rows(tmp_path / "samples.jsonl", [{"prompt": "x", "responses": [{"text": "a"}]}])
+def test_a_response_without_its_fields_is_a_one_line_error_naming_row_and_response(tmp_path, capsys):
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "x", "responses": [{"text": "a"}]}])
     assert "row 1: response 1 needs" in one_line_error(capsys, ["--samples", str(samples), "--reward_fn", "a:b"])
-    samples = write_rows(tmp_path / "samples.jsonl", SAMPLES)
+
+
+def test_a_reward_module_that_does_not_import_is_a_one_line_error(tmp_path, capsys):
+    samples = write_jsonl(tmp_path / "samples.jsonl", SAMPLES)
     assert "cannot import no_such_module" in one_line_error(
         capsys, ["--samples", str(samples), "--reward_fn", "no_such_module:f"])
+
+
+def test_neither_reward_function_nor_reward_model_is_a_one_line_error(tmp_path, capsys):
+    samples = write_jsonl(tmp_path / "samples.jsonl", SAMPLES)
     assert "exactly one of" in one_line_error(capsys, ["--samples", str(samples)])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import shlex
 import signal
@@ -18,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from brevity import config, files  # noqa: E402
+from brevity import config, files
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "run_iterative.sh"
@@ -55,6 +56,7 @@ def stage_lines(stdout: str) -> list[str]:
     return [line.split("] ", 1)[1] for line in stdout.splitlines() if line.startswith("[") and "] " in line]
 
 
+@pytest.mark.slow
 def test_one_iteration_smoke_run_then_a_rerun_does_nothing(setup):
     base, env = setup
     runs = base / "runs dir"
@@ -127,15 +129,24 @@ def parse_command(line: str) -> None:
         config.parse_settings((module.Settings,), args)
 
 
+def dry_run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], env={**os.environ, "DRY_RUN": "1", **env},
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_a_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
+    printed = dry_run(RUNS_DIR=str(tmp_path / "r s"), EMBEDDED_DIR=str(tmp_path / "data"))
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.splitlines()[0].startswith("python3 embedded.py")  # the data is missing
+    assert sorted(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("recipe", [None, "configs/storm7b.env"])
 def test_every_command_of_a_recipe_parses_with_its_script(recipe, tmp_path):
     args = [recipe] if recipe else []
-    printed = subprocess.run(["bash", str(SCRIPT), *args], env={**os.environ, "DRY_RUN": "1",
-                                                               "RUNS_DIR": str(tmp_path / "r s")},
-                             capture_output=True, text=True, cwd=ROOT)
+    printed = dry_run(*args, RUNS_DIR=str(tmp_path / "r s"))
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.splitlines()
-    assert not (tmp_path / "r s").exists()  # a dry run writes nothing
     scripts = [shlex.split(line)[1] if line.startswith("python3") else shlex.split(line)[5] for line in lines]
     assert scripts.count("dpo.py") == 3 and scripts.count("evaluate.py") == 5 and scripts.count("sample.py") == 3
     for line in lines:
@@ -151,16 +162,19 @@ def test_every_command_of_a_recipe_parses_with_its_script(recipe, tmp_path):
 
 
 def test_a_recipe_is_data_never_code(tmp_path):
+    """Command substitutions in a recipe's values are never run: they reach the commands as literal text
+    (NAME in the run directory, LOSS_ARGS split on spaces into dpo.py's flags)."""
     marker = tmp_path / "pwned"
     recipe = tmp_path / "my recipe.env"
     recipe.write_text(f"# a comment\nNAME=\"$(touch '{marker}')\"\nLOSS_ARGS=--beta `touch '{marker}'`\n"
                       f"K=1\n")
-    printed = subprocess.run(["bash", str(SCRIPT), str(recipe)], env={**os.environ, "DRY_RUN": "1",
-                                                                     "RUNS_DIR": str(tmp_path / "runs")},
-                             capture_output=True, text=True)
+    printed = dry_run(str(recipe), RUNS_DIR=str(tmp_path / "runs"))
     assert printed.returncode == 0, printed.stderr
     assert not marker.exists()
-    assert "touch" in printed.stdout  # the values reached the commands literally
+    commands = [shlex.split(line) for line in printed.stdout.splitlines()]
+    assert commands[-1][-2:] == ["--summarize", f"{tmp_path / 'runs'}/$(touch '{marker}')"]
+    (dpo_command,) = [c for c in commands if c[1] == "dpo.py"]
+    assert dpo_command[-3:] == ["--beta", "`touch", f"'{marker}'`"]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -170,15 +184,12 @@ def test_a_recipe_is_data_never_code(tmp_path):
 def test_a_bad_recipe_line_is_a_one_line_error_naming_file_and_line(content, message, tmp_path):
     recipe = tmp_path / "my recipe.env"
     recipe.write_text(content)
-    result = subprocess.run(["bash", str(SCRIPT), str(recipe)], env={**os.environ, "DRY_RUN": "1"},
-                            capture_output=True, text=True)
+    result = dry_run(str(recipe))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
 
 
 def test_the_environment_wins_over_the_recipe(tmp_path):
-    printed = subprocess.run(["bash", str(SCRIPT), "configs/storm7b.env"],
-                             env={**os.environ, "DRY_RUN": "1", "K": "1", "LOSS": "dpo"},
-                             capture_output=True, text=True, cwd=ROOT)
+    printed = dry_run("configs/storm7b.env", K="1", LOSS="dpo")
     assert printed.returncode == 0 and "--loss dpo" in printed.stdout and "iter2" not in printed.stdout
 
 
@@ -228,3 +239,49 @@ def test_a_recipe_leaves_out_the_toy_settings(tmp_path):
     dpo = next(line for line in printed.stdout.splitlines() if "dpo.py" in line)
     assert "--config" not in dpo and "--alpha" not in dpo
     assert "--max_new_tokens 256" in printed.stdout and "sft.py" not in printed.stdout
+
+
+def test_every_setting_of_the_script_is_a_recipe_key_and_back():
+    """The defaults block (`: "${KEY:=...}"`) and KNOWN_KEYS name the same settings."""
+    import re
+    text = SCRIPT.read_text()
+    known = set(re.search(r'KNOWN_KEYS=" (.*) "', text).group(1).split())
+    defaulted = set(re.findall(r'"\$\{([A-Z_]+):?=', text)) | {"LOSS_ARGS"}
+    assert known == defaulted
+
+
+def test_pair_rule_reaches_label_py(tmp_path):
+    recipe = tmp_path / "rule.env"
+    recipe.write_text("PAIR_RULE=length_penalised\nLABEL_ARGS=--length_penalty 0.05\nK=1\n")
+    printed = subprocess.run(["bash", str(SCRIPT), str(recipe)], env={**os.environ, "DRY_RUN": "1",
+                                                                     "RUNS_DIR": str(tmp_path / "runs")},
+                             capture_output=True, text=True, cwd=ROOT)
+    assert printed.returncode == 0, printed.stderr
+    (line,) = [x for x in printed.stdout.splitlines() if "label.py" in x]
+    assert "--pair_rule length_penalised --seed 1 --length_penalty 0.05" in line
+    parse_command(line)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, loss_args, pair_rule, label_args", [
+    ("exo_pair", "", "best_worst", ""),
+    ("sigmoid+bco_pair+sft", "--loss_weights 0.8,0.2,1.0", "best_second", ""),
+    ("dpo", "--ld_alpha 0.5", "all_pairs", ""),
+    ("ipo", "--sampo", "length_penalised", "--length_penalty 0.05"),
+    ("dpo", "--sync_ref_model --ref_model_sync_steps 2", "best_random", ""),
+], ids=["exo_pair", "mpo-mixture", "ld-dpo", "ipo-sampo", "tr-dpo"])
+def test_a_loss_and_a_pair_rule_run_in_the_loop(setup, loss, loss_args, pair_rule, label_args):
+    """One iteration with LOSS, LOSS_ARGS and PAIR_RULE: every stage runs, the pairs follow the rule, the
+    model trains with the loss and its options."""
+    base, env = setup
+    name = f"{loss}-{pair_rule}"
+    done = run(env, RUNS_DIR=str(base / "loop runs"), K="1", LOSS=loss, LOSS_ARGS=loss_args, PAIR_RULE=pair_rule,
+               LABEL_ARGS=label_args, NAME=name)
+    assert done.returncode == 0, done.stderr[-3000:]
+    it = base / "loop runs" / name / "iter1"
+    assert json.loads((it / "label_stats.json").read_text())["pair_rule"] == pair_rule
+    settings = json.loads((it / "model" / "settings.json").read_text())
+    assert settings["loss"] == loss
+    rows = [json.loads(x) for x in (it / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    assert files.read_jsonl(base / "loop runs" / name / "summary.jsonl")[1]["length"] > 0

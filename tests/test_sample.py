@@ -1,81 +1,31 @@
 """sample.py: batched, length-sorted, left-padded generation that matches one-by-one generation;
 finish reasons; input order; determinism per seed (whatever the batch size); resume after an
-interruption. Tiny models and tokenizers are built in temporary directories (no downloads)."""
+interruption. The policy is conftest's word-level tiny Llama (`policy_dir`)."""
 from __future__ import annotations
 
-import json
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import WORD_VOCAB, write_jsonl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from brevity import config, files, generation, models  # noqa: E402
-from brevity.tokens import encode_prompts  # noqa: E402
-import sample  # noqa: E402
-
-WORDS = "list name give two three four fruits colors apple pear plum red blue green and or".split()
-TEMPLATE = ("{{ bos_token }}{% for m in messages %} {{ m['role'] }}: {{ m['content'] }}"
-            "{% if m['role'] == 'assistant' %} {{ eos_token }}{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %} assistant:{% endif %}")
-
-
-def word_tokenizer(words=WORDS, template=TEMPLATE):
-    """A word-level tokenizer: <pad> <bos> <eos> <unk>, role words, then `words`; decode joins with spaces."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "user:", "assistant:", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", chat_template=template, clean_up_tokenization_spaces=False)
-
-
-def save_policy(path: Path, tokenizer, seed: int = 0) -> Path:
-    """A tiny LlamaForCausalLM (initializer_range 0.2, so that greedy outputs differ between prompts)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                         initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from brevity import config, files, generation, models
+from brevity.tokens import encode_prompts
+import sample
 
 
 def prompt_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    return [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9))), "id": i} for i in range(n)]
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy 2-core machine makes them spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
-    return save_policy(tmp_path_factory.mktemp("policy") / "model", word_tokenizer())
+    return [{"prompt": " ".join(rng.choice(WORD_VOCAB) for _ in range(rng.randint(1, 9))), "id": i} for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory) -> Path:
-    return write_rows(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", prompt_rows(10))
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", prompt_rows(10))
 
 
 def run_sample(policy_dir, prompts_file, output, **overrides) -> list[dict]:
@@ -134,7 +84,7 @@ def test_prompts_cut_to_max_prompt_length_are_counted(policy_dir, prompts_file, 
 def test_output_rows_follow_input_order_and_keep_fields(policy_dir, tmp_path):
     inputs = prompt_rows(7, seed=3)
     inputs[2] = {"prompt": [{"role": "user", "content": "list two fruits"}], "id": 2, "chosen": "apple and pear"}
-    rows = run_sample(policy_dir, write_rows(tmp_path / "p.jsonl", inputs), tmp_path / "s.jsonl", n=3, batch_size=2)
+    rows = run_sample(policy_dir, write_jsonl(tmp_path / "p.jsonl", inputs), tmp_path / "s.jsonl", n=3, batch_size=2)
     assert [r["id"] for r in rows] == list(range(7))
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in inputs]
     assert rows[2]["chosen"] == "apple and pear"
@@ -145,9 +95,14 @@ def test_output_rows_follow_input_order_and_keep_fields(policy_dir, tmp_path):
 def test_same_seed_gives_identical_file(policy_dir, prompts_file, tmp_path):
     run_sample(policy_dir, prompts_file, tmp_path / "a.jsonl", seed=5)
     run_sample(policy_dir, prompts_file, tmp_path / "b.jsonl", seed=5)
-    run_sample(policy_dir, prompts_file, tmp_path / "c.jsonl", seed=6)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
-    assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
+
+
+def test_another_seed_gives_other_responses(policy_dir, prompts_file, tmp_path):
+    a = run_sample(policy_dir, prompts_file, tmp_path / "a.jsonl", seed=5)
+    c = run_sample(policy_dir, prompts_file, tmp_path / "c.jsonl", seed=6)
+    assert [r["prompt"] for r in a] == [r["prompt"] for r in c]
+    assert [r["responses"] for r in a] != [r["responses"] for r in c]
 
 
 def test_samples_do_not_depend_on_batch_composition(policy_dir, prompts_file, tmp_path):
@@ -296,18 +251,17 @@ def test_decode_drops_finished_rows_and_gives_generates_tokens(policy_dir, tempe
     assert len(batch_sizes) == 16 and batch_sizes == sorted(batch_sizes, reverse=True)
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_file_as_one(policy_dir, prompts_file, tmp_path):
     """torchrun, 2 CPU processes (gloo): strided prompts, gathered to rank 0, in input order; the
     per-response seeds make the file equal to one process's with another batch size."""
-    import os
-    import subprocess
-
     run_sample(policy_dir, prompts_file, tmp_path / "one.jsonl", batch_size=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     root = Path(sample.__file__).resolve().parent
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(root / "sample.py"), "--model", str(policy_dir), "--prompts", str(prompts_file),
-                    "--output", str(tmp_path / "two.jsonl"), "--num_responses", "4", "--max_new_tokens", "8",
-                    "--batch_size", "3", "--save_every", "2"], check=True, env=env, cwd=tmp_path, timeout=120,
-                   capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(root / "sample.py"), "--model", str(policy_dir), "--prompts", str(prompts_file),
+                          "--output", str(tmp_path / "two.jsonl"), "--num_responses", "4", "--max_new_tokens", "8",
+                          "--batch_size", "3", "--save_every", "2"], env=env, cwd=tmp_path, timeout=300,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()

@@ -1,4 +1,4 @@
-"""The 3D-properties toy (examples/toy_3d.py) shows what PAPERS.md section 3 says it should (CPU, ~4 s).
+"""The 3D-properties toy (examples/toy_3d.py) shows what PAPERS.md section 3 says it should (CPU, seconds).
 
 One run per loss (dpo, dpo_sft, flexdpo with their losses.py defaults), seed 0, 800 Adam steps at 2e-3.
 """

@@ -16,14 +16,14 @@ from transformers import AutoModelForCausalLM
 
 import dpo
 import sft
-from brevity.batches import epoch_batches, micro_batches  # noqa: E402
-from brevity.config import run_main  # noqa: E402
-from brevity.dist import Dist  # noqa: E402
-from brevity.fsdp import wrap_policy  # noqa: E402
-from brevity.logprobs import SequenceLogps  # noqa: E402
-from brevity.models import load_model  # noqa: E402
-from brevity.tokens import collate, encode_prompts, encode_responses  # noqa: E402
-from losses import LOSSES
+from brevity.batches import epoch_batches, micro_batches
+from brevity.config import run_main
+from brevity.dist import Dist
+from brevity.fsdp import wrap_policy
+from brevity.logprobs import SequenceLogps
+from brevity.models import load_model
+from brevity.tokens import collate, encode_prompts, encode_responses
+from losses import LOSSES, Objective, Term
 
 
 def dpo_settings(model_dir, data, out, loss="dpo", **overrides):
@@ -42,9 +42,6 @@ def manual_sequence_logps(model, input_ids, response_mask):
     token = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (token * response_mask[:, 1:]).sum(-1)
 
-
-# ---------------------------------------------------------------------------------------------
-# Every loss trains; the saved directory is a Hugging Face model equal to the one in memory
 
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_every_loss_trains_and_saves_a_model_that_loads_with_the_same_logits(loss, tiny_model_dir,
@@ -89,9 +86,6 @@ def test_a_finished_run_is_not_redone(tiny_model_dir, tiny_prefs_jsonl, tmp_path
     assert "already holds the trained model" in capsys.readouterr().out
     assert (out / "model.safetensors").stat().st_mtime_ns == before
 
-
-# ---------------------------------------------------------------------------------------------
-# Exact response masks
 
 def boundary_merging_tokenizer():
     """A BPE tokenizer without pre-tokenization, so merges span anything: "ab" is one token."""
@@ -191,14 +185,16 @@ def test_sft_loss_is_the_mean_nll_of_response_tokens_only(tiny_tokenizer):
     assert tokens == mask.sum() and abs(nll / tokens - expected) < 1e-5
 
 
-# ---------------------------------------------------------------------------------------------
-# Truncation is never silent
-
-def test_long_prompts_are_cut_from_the_left_and_pairs_that_do_not_fit_are_dropped(tiny_model_dir, tmp_path, capsys):
+def rows_with_a_long_prompt_and_a_long_chosen() -> list[dict]:
     rows = pref_rows(16)
     rows[0]["prompt"] = " ".join(["the cat sat on the mat"] * 30)  # far past max_prompt_length
     rows[1]["chosen"] = " ".join(["apple pear plum"] * 40)  # the pair cannot fit max_length
-    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    return rows
+
+
+def test_long_prompts_are_cut_from_the_left_and_pairs_that_do_not_fit_are_dropped(tiny_model_dir, tmp_path, capsys):
+    """Counted in data_stats.json and printed: truncation is never silent."""
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows_with_a_long_prompt_and_a_long_chosen())
     out = tmp_path / "out"
     s, hyper = dpo_settings(tiny_model_dir, data, out, max_length=80, max_prompt_length=40, max_steps=1)
     dpo.main(s, hyper)
@@ -207,71 +203,85 @@ def test_long_prompts_are_cut_from_the_left_and_pairs_that_do_not_fit_are_droppe
                      "dropped_identical": 0, "sampled_token_ids": 0}
     assert "1 prompts cut from the left to 40 tokens; 1 pairs dropped" in capsys.readouterr().out
 
-    tokenizer = make_tokenizer()
-    pairs, stats = dpo.encode_pairs(rows, tokenizer, dataclasses.replace(s, truncate_responses=True))
+
+def test_truncate_responses_keeps_a_pair_that_does_not_fit_by_cutting_its_responses(tiny_tokenizer):
+    s = dpo.Settings(max_length=80, max_prompt_length=40, truncate_responses=True)
+    pairs, stats = dpo.encode_pairs(rows_with_a_long_prompt_and_a_long_chosen(), tiny_tokenizer, s)
     assert stats["pairs"] == 16 and stats["responses_cut"] == 1
     assert all(len(p) <= 40 and len(p) + max(len(c), len(r)) <= 80 for p, c, r in pairs)
-    full_prompt = encode_prompts(tokenizer, [rows[0]["prompt"]])[0]
-    assert pairs[0][0] == full_prompt[-40:]  # the end of the prompt is kept
 
 
-# ---------------------------------------------------------------------------------------------
-# Reference log-probs
+def test_a_prompt_cut_to_max_prompt_length_keeps_its_end(tiny_tokenizer):
+    rows = rows_with_a_long_prompt_and_a_long_chosen()
+    pairs, _ = dpo.encode_pairs(rows, tiny_tokenizer, dpo.Settings(max_length=80, max_prompt_length=40))
+    full_prompt = encode_prompts(tiny_tokenizer, [rows[0]["prompt"]])[0]
+    assert len(full_prompt) > 40 and pairs[0][0] == full_prompt[-40:]
 
-def test_cached_reference_logps_equal_a_live_reference_and_step_0_dpo_loss_is_log_2(tiny_model_dir, tiny_prefs_jsonl,
-                                                                                  tmp_path):
-    out = tmp_path / "out"
+
+@pytest.fixture(scope="module")
+def one_dpo_step(tiny_model_dir, tiny_prefs_jsonl, tiny_tokenizer, tmp_path_factory) -> dict:
+    """One DPO step on the tiny prefs; the run's pairs and cached reference log-probs ([32] each), and a
+    batch of every third pair (chosen rows, then rejected rows), unlike the cache pass's length-sorted ones."""
+    out = tmp_path_factory.mktemp("one_dpo_step") / "out"
     s, hyper = dpo_settings(tiny_model_dir, tiny_prefs_jsonl, out, max_steps=1)
     dpo.main(s, hyper)
-    tokenizer = make_tokenizer()
-    pairs, _ = dpo.encode_pairs([json.loads(x) for x in tiny_prefs_jsonl.read_text().splitlines()], tokenizer, s)
+    pairs, _ = dpo.encode_pairs([json.loads(x) for x in tiny_prefs_jsonl.read_text().splitlines()], tiny_tokenizer, s)
     cached = dpo.read_ref_cache(out / dpo.REF_CACHE, dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype))
-    assert cached is not None
+    batch = list(range(0, 32, 3))
+    tensors = collate([(pairs[i][0], pairs[i][1]) for i in batch] + [(pairs[i][0], pairs[i][2]) for i in batch],
+                      tiny_tokenizer.pad_token_id)
+    return {"out": out, "settings": s, "pairs": pairs, "cached": cached, "batch": batch, "tensors": tensors}
 
-    live = load_model(str(tiny_model_dir))
-    batch = list(range(0, 32, 3))  # a batch unlike the cache pass's length-sorted ones
-    input_ids, attention_mask, response_mask = collate([(pairs[i][0], pairs[i][1]) for i in batch] +
-                                                       [(pairs[i][0], pairs[i][2]) for i in batch],
-                                                       tokenizer.pad_token_id)
+
+def test_cached_reference_logps_equal_a_live_reference(one_dpo_step, tiny_model_dir):
+    cached, batch, n = one_dpo_step["cached"], one_dpo_step["batch"], len(one_dpo_step["batch"])
+    assert cached is not None and cached[0].shape == cached[1].shape == (32,)
+    input_ids, _, response_mask = one_dpo_step["tensors"]
     with torch.no_grad():
-        live_logps = manual_sequence_logps(live, input_ids, response_mask)
-    assert torch.allclose(live_logps[:len(batch)], cached[0][batch], atol=1e-4, rtol=0)
-    assert torch.allclose(live_logps[len(batch):], cached[1][batch], atol=1e-4, rtol=0)
+        live_logps = manual_sequence_logps(load_model(str(tiny_model_dir)), input_ids, response_mask)
+    assert torch.allclose(live_logps[:n], cached[0][batch], atol=1e-4, rtol=0)
+    assert torch.allclose(live_logps[n:], cached[1][batch], atol=1e-4, rtol=0)
 
-    # Step 0: the policy is the reference, so every pair's DPO loss is log 2 and its rewards are 0.
+
+def test_at_step_0_the_policy_is_the_reference_so_every_dpo_loss_is_log_2_and_every_reward_0(one_dpo_step,
+                                                                                              tiny_model_dir):
+    cached, batch, n = one_dpo_step["cached"], one_dpo_step["batch"], len(one_dpo_step["batch"])
+    input_ids, attention_mask, response_mask = one_dpo_step["tensors"]
     policy = wrap_policy(load_model(str(tiny_model_dir)), Dist())
     with torch.no_grad():
         logps = policy(input_ids, attention_mask, response_mask)
     losses, chosen_rewards, rejected_rewards = LOSSES["dpo"].fn(
-        policy_chosen_logps=logps[:len(batch)], policy_rejected_logps=logps[len(batch):],
+        policy_chosen_logps=logps[:n], policy_rejected_logps=logps[n:],
         reference_chosen_logps=cached[0][batch], reference_rejected_logps=cached[1][batch],
-        chosen_lengths=response_mask[:len(batch)].sum(-1), rejected_lengths=response_mask[len(batch):].sum(-1))
+        chosen_lengths=response_mask[:n].sum(-1), rejected_lengths=response_mask[n:].sum(-1))
     assert torch.allclose(losses, torch.full_like(losses, math.log(2)), atol=1e-6, rtol=0)
     assert chosen_rewards.abs().max() < 1e-6 and rejected_rewards.abs().max() < 1e-6
-    first = read_metrics(out)[0]
+    first = read_metrics(one_dpo_step["out"])[0]
     assert abs(first["loss"] - math.log(2)) < 1e-6 and abs(first["rewards/margin"]) < 1e-6
 
 
-def test_ref_model_flag_uses_that_model_and_the_cache_key_follows_model_and_data(tiny_tokenizer, tiny_prefs_jsonl,
-                                                                                tmp_path):
+def test_ref_model_flag_uses_that_model_for_the_reference_logps(tiny_tokenizer, tiny_prefs_jsonl, tmp_path):
     policy_dir = save_model_dir(tmp_path / "policy", tiny_tokenizer, seed=0)
     ref_dir = save_model_dir(tmp_path / "ref", tiny_tokenizer, seed=1)
     s, hyper = dpo_settings(policy_dir, tiny_prefs_jsonl, tmp_path / "out", max_steps=1, ref_model=str(ref_dir))
     dpo.main(s, hyper)
     pairs, _ = dpo.encode_pairs([json.loads(x) for x in tiny_prefs_jsonl.read_text().splitlines()], tiny_tokenizer, s)
-    key = dpo.ref_cache_key(pairs, str(ref_dir), s.dtype)
-    chosen, _ = dpo.read_ref_cache(tmp_path / "out" / dpo.REF_CACHE, key)
+    chosen, _ = dpo.read_ref_cache(tmp_path / "out" / dpo.REF_CACHE, dpo.ref_cache_key(pairs, str(ref_dir), s.dtype))
     input_ids, _, response_mask = collate([(p, c) for p, c, _ in pairs[:4]], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        assert torch.allclose(manual_sequence_logps(load_model(str(ref_dir)), input_ids, response_mask), chosen[:4],
-                              atol=1e-4, rtol=0)
-    assert key != dpo.ref_cache_key(pairs, str(policy_dir), s.dtype)
-    assert key != dpo.ref_cache_key(pairs[1:], str(ref_dir), s.dtype)
-    assert dpo.read_ref_cache(tmp_path / "out" / dpo.REF_CACHE, "another key") is None
+        by_ref = manual_sequence_logps(load_model(str(ref_dir)), input_ids, response_mask)
+        by_policy = manual_sequence_logps(load_model(str(policy_dir)), input_ids, response_mask)
+    assert torch.allclose(by_ref, chosen[:4], atol=1e-4, rtol=0)
+    assert not torch.allclose(by_policy, chosen[:4], atol=1e-4, rtol=0)  # the two models tell apart
 
 
-# ---------------------------------------------------------------------------------------------
-# Gradients: accumulation is exact, dropout is off
+def test_the_reference_cache_is_read_only_under_its_key_of_model_and_data(one_dpo_step, tiny_model_dir):
+    s, pairs, cache = one_dpo_step["settings"], one_dpo_step["pairs"], one_dpo_step["out"] / dpo.REF_CACHE
+    key = dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype)
+    assert key != dpo.ref_cache_key(pairs, str(tiny_model_dir) + "_other", s.dtype)
+    assert key != dpo.ref_cache_key(pairs[1:], str(tiny_model_dir), s.dtype)
+    assert dpo.read_ref_cache(cache, key) is not None and dpo.read_ref_cache(cache, "another key") is None
+
 
 def grads_after(accumulate, grad_accum):
     tokenizer = make_tokenizer()
@@ -280,18 +290,24 @@ def grads_after(accumulate, grad_accum):
     return {n: p.grad.clone() for n, p in policy.named_parameters()}
 
 
-@pytest.mark.parametrize("stage", ["dpo", "sft"])
-def test_gradient_accumulation_is_exact(stage):
-    """One micro-batch of 4 and four micro-batches of 1 give the same gradient."""
+@pytest.mark.parametrize("stage, options", [("dpo", {}), ("dpo", {"ld_alpha": 0.5}), ("dpo", {"sampo": True}),
+                                            ("dpo", {"use_weighting": True}), ("sft", {})],
+                         ids=["dpo", "dpo-ld_alpha", "dpo-sampo", "dpo-wpo", "sft"])
+def test_gradient_accumulation_is_exact(stage, options):
+    """One micro-batch of 4 and four micro-batches of 1 give the same gradient, with per-sequence sums
+    and with the per-token options (LD-DPO and SamPO read a per-token reference cache; WPO log sum p^2)."""
     rows = pref_rows(4, seed=3)
 
     def accumulate(policy, tokenizer, grad_accum):
         if stage == "dpo":
             s = dpo.Settings(batch_size=4, grad_accum=grad_accum)
             pairs, _ = dpo.encode_pairs(rows, tokenizer, s)
-            ref = (torch.linspace(-40, -20, 4), torch.linspace(-35, -25, 4))
-            dpo.accumulate_gradients(policy, pairs, [0, 1, 2, 3], LOSSES["ilrdpo"].fn, {"beta": 0.1, "alpha": 0.05},
-                                     ref, s, tokenizer.pad_token_id, Dist())
+            objective = Objective((Term("ilrdpo", 1.0, {"beta": 0.1, "alpha": 0.05}),), **options)
+            per_token = "reference_tokens" in objective.needs
+            n_chosen, n_rejected = (sum(len(p[k]) for p in pairs) if per_token else 4 for k in (1, 2))
+            ref = (torch.linspace(-4, -2, n_chosen), torch.linspace(-3.5, -2.5, n_rejected))
+            dpo.accumulate_gradients(policy, pairs, [0, 1, 2, 3], 7, objective,
+                                     dpo.cached_reference(ref, pairs, per_token), s, tokenizer.pad_token_id, Dist())
         else:
             s = sft.Settings(batch_size=4, grad_accum=grad_accum)
             examples, _ = sft.encode_examples([{"prompt": r["prompt"], "response": r["chosen"]} for r in rows],
@@ -326,9 +342,6 @@ def test_dropout_is_off_while_training(tiny_tokenizer, tmp_path):
     assert not torch.equal(policy(*batch), policy(*batch))
 
 
-# ---------------------------------------------------------------------------------------------
-# Memory: the log-prob computation never holds [B, T, V] float32 logits
-
 def saved_tensor_bytes(fn) -> int:
     """Bytes of the distinct storages autograd saves for backward while `fn` runs."""
     storages = {}
@@ -344,6 +357,8 @@ def saved_tensor_bytes(fn) -> int:
 
 
 def test_logps_memory_is_far_below_a_naive_float32_log_softmax():
+    """The log-prob computation never holds [B, T, V] float32 logits for backward: T 2048, V 32000,
+    512-token chunks save under a twentieth of one [T, V] float32 tensor; the naive way saves more than it."""
     tokenizer = make_tokenizer()
     model = make_model(tokenizer, vocab_size=32000, num_hidden_layers=1)
     length, prompt = 2048, 512
@@ -360,31 +375,40 @@ def test_logps_memory_is_far_below_a_naive_float32_log_softmax():
     assert ours < logits_bytes / 20
 
 
-# ---------------------------------------------------------------------------------------------
-# Batching
-
-def test_length_bucketed_batches_are_deterministic_cut_padding_and_split_the_same_on_any_world_size():
+def lognormal_lengths() -> list[int]:
     rng = random.Random(0)
-    lengths = [int(rng.lognormvariate(4, 0.8)) + 1 for _ in range(1024)]
+    return [int(rng.lognormvariate(4, 0.8)) + 1 for _ in range(1024)]
+
+
+def test_epoch_batches_are_deterministic_for_a_seed_and_epoch_and_change_with_the_epoch():
+    lengths = lognormal_lengths()
     batches = epoch_batches(lengths, 16, seed=0, epoch=0, bucket_batches=32)
     assert batches == epoch_batches(lengths, 16, seed=0, epoch=0, bucket_batches=32)
     assert batches != epoch_batches(lengths, 16, seed=0, epoch=1, bucket_batches=32)
+
+
+def test_epoch_batches_hold_every_example_once():
+    batches = epoch_batches(lognormal_lengths(), 16, seed=0, epoch=0, bucket_batches=32)
     assert sorted(i for b in batches for i in b) == list(range(1024))
+
+
+def test_length_buckets_cut_padding_to_under_a_fifth_of_random_batches():
+    """Padding: sum over batches of size x longest length, over the real tokens, minus 1."""
+    lengths = lognormal_lengths()
 
     def padding(bs):
         return sum(len(b) * max(lengths[i] for i in b) for b in bs) / sum(lengths) - 1
 
     random_batches = [list(range(i, i + 16)) for i in range(0, 1024, 16)]
-    assert padding(batches) < padding(random_batches) / 5
-    # Two processes x one micro-step hold the same examples as one process x two micro-steps.
-    batch = batches[0]
+    assert padding(epoch_batches(lengths, 16, seed=0, epoch=0, bucket_batches=32)) < padding(random_batches) / 5
+
+
+def test_two_processes_hold_the_examples_of_one_process_with_two_micro_steps():
+    batch = epoch_batches(lognormal_lengths(), 16, seed=0, epoch=0, bucket_batches=32)[0]
     two_processes = [micro_batches(batch, 2, rank, 1)[0] for rank in range(2)]
     assert two_processes == micro_batches(batch, 1, 0, 2)
     assert sorted(sum(two_processes, [])) == sorted(batch)
 
-
-# ---------------------------------------------------------------------------------------------
-# Bad input fails in one line
 
 @pytest.mark.parametrize("argv, message", [
     (["--bogus", "1"], "unrecognized arguments: --bogus 1"),

@@ -20,8 +20,9 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 import sft
-from brevity.config import run_main  # noqa: E402
+from brevity.config import run_main
 
+pytestmark = pytest.mark.slow  # torchrun and SIGKILL'd subprocesses: tens of seconds each
 ENV = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -144,3 +145,21 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(uninterrupted, tiny_model_
     assert len(resumed) == 7 and max(abs(x - y) for x, y in zip(one, resumed)) < 1e-6
     a, b = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--loss", "dpo", "--ld_alpha", "0.5", "--use_weighting"],
+                                   ["--loss", "dpo", "--sampo", "--sync_ref_model", "--ref_model_sync_steps", "2"]],
+                         ids=["per-token-reference-cache", "tr-dpo-live-reference"])
+def test_two_processes_give_the_steps_and_weights_of_one_with_per_token_options(flags, tiny_model_dir,
+                                                                                 tiny_prefs_jsonl, tmp_path):
+    """The per-token reference cache computed on 2 processes, and TR-DPO's live reference (sharded like the
+    policy and moved shard by shard), train as on one, within the tolerances above."""
+    args = ["--data", str(tiny_prefs_jsonl), "--model", str(tiny_model_dir), "--batch_size", "8", "--max_steps", "5",
+            "--lr", "1e-3", "--warmup_steps", "0", "--save_every", "0", *flags]
+    check(run([sys.executable, "dpo.py", "--output_dir", str(tmp_path / "one")] + args))
+    check(run(TORCHRUN + ["dpo.py", "--output_dir", str(tmp_path / "two")] + args))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 5 and max(abs(a - b) for a, b in zip(one, two)) < 1e-6, (one, two)
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
