@@ -34,10 +34,10 @@ from brevity.config import UserError, read_yaml, run_main, setting
 from brevity.files import PROMPT, RESPONSE, load_rows, require_input, respect_umask, rows_fingerprint
 from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
 from brevity.logprobs import response_logps
-from brevity.models import (DTYPES, check_model_dir, check_same_vocabulary, load_model, load_tokenizer,
-                            model_fingerprint, release_memory, safetensors_problem)
-from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length
 from brevity.generation import response_seed
+from brevity.models import (DTYPES, check_model_dir, check_same_vocabulary, load_model, load_tokenizer,
+                            model_fingerprint, model_vocab_size, release_memory, safetensors_problem)
+from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length, padding_id, vocab_sha256
 from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
 from losses import LOSSES, Objective, Term, loss_hyperparameters, objective_losses
 
@@ -153,16 +153,38 @@ def describe_objective(s: Settings, hyperparameters) -> str:
     return f"loss {s.loss}{weights} ({hyper}){''.join('; ' + o for o in options if o)}; "
 
 
-def encode_pairs(rows: list[dict], tokenizer, s: Settings) -> tuple[list[tuple], dict]:
+def response_ids(rows: list[dict], tokenizer, path: str,
+                 vocab_size: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """(chosen ids, rejected ids, how many pairs kept their sampled ids). A pair that carries the token ids
+    it was sampled as (label.py's "chosen_token_ids", "rejected_token_ids") under this tokenizer's
+    vocabulary ("vocab_sha256") is trained on those very ids, the ones its lengths count: re-encoding the
+    text can give other tokens (a sampler need not emit the tokenizer's own segmentation). Any other pair
+    is encoded from its text, ending with the template's end of turn. Sampled ids must be below
+    `vocab_size`, the model's."""
+    chosen = encode_responses(tokenizer, [r["chosen"] for r in rows])
+    rejected = encode_responses(tokenizer, [r["rejected"] for r in rows])
+    vocab, sampled = vocab_sha256(tokenizer), 0
+    for i, row in enumerate(rows):
+        if row.get("vocab_sha256") != vocab or "chosen_token_ids" not in row or "rejected_token_ids" not in row:
+            continue
+        for key in ("chosen_token_ids", "rejected_token_ids"):
+            ids = row[key]
+            if not (isinstance(ids, list) and ids and all(isinstance(t, int) and 0 <= t < vocab_size for t in ids)):
+                raise UserError(f"{path}: row {i + 1}: {key} must be a non-empty list of token ids below {vocab_size}")
+        chosen[i], rejected[i], sampled = row["chosen_token_ids"], row["rejected_token_ids"], sampled + 1
+    return chosen, rejected, sampled
+
+
+def encode_pairs(rows: list[dict], tokenizer, s: Settings, vocab_size: int = 0) -> tuple[list[tuple], dict]:
     """Tokenize and fit every row to the length limits; return the pairs (prompt ids, chosen ids,
-    rejected ids; each response ends with EOS) and what truncation did.
+    rejected ids; each response ends with its end of turn, `response_ids`) and what truncation did.
+    `vocab_size` bounds sampled ids: the model's (`model_vocab_size`); 0: the tokenizer's length.
     A pair whose chosen and rejected responses are the same tokens is dropped (and counted): every
     preference loss's pairwise term has zero gradient on it."""
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
-    chosen = encode_responses(tokenizer, [r["chosen"] for r in rows])
-    rejected = encode_responses(tokenizer, [r["rejected"] for r in rows])
+    chosen, rejected, sampled = response_ids(rows, tokenizer, s.data, vocab_size or len(tokenizer))
     pairs, stats = [], {"rows": len(rows), "pairs": 0, "prompts_cut": 0, "responses_cut": 0, "dropped_too_long": 0,
-                        "dropped_identical": 0}
+                        "dropped_identical": 0, "sampled_token_ids": sampled}
     for p, c, r in zip(prompts, chosen, rejected):
         if c == r:
             stats["dropped_identical"] += 1
@@ -180,7 +202,8 @@ def encode_pairs(rows: list[dict], tokenizer, s: Settings) -> tuple[list[tuple],
 
 
 def describe(stats: dict, s: Settings) -> str:
-    return (f"data: {stats['rows']} rows of {s.data} -> {stats['pairs']} pairs; {stats['dropped_identical']} pairs "
+    return (f"data: {stats['rows']} rows of {s.data} -> {stats['pairs']} pairs ({stats['sampled_token_ids']} rows "
+            f"trained on their sampled token ids); {stats['dropped_identical']} pairs "
             f"dropped (chosen identical to rejected); {stats['prompts_cut']} prompts cut "
             f"from the left to {s.max_prompt_length} tokens; "
             + (f"{stats['responses_cut']} pairs with a response cut at max_length {s.max_length}"
@@ -349,13 +372,13 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     if s.ref_model and "reference" in objective.needs:
         check_same_vocabulary(tokenizer, s.model, s.ref_model, "--ref_model", s.trust_remote_code)
     rows = load_rows(s.data, PAIR_FIELDS)
-    pairs, stats = encode_pairs(rows, tokenizer, s)
+    pairs, stats = encode_pairs(rows, tokenizer, s, model_vocab_size(s.model, s.trust_remote_code))
     run.plan(len(pairs), stats, describe(stats, s), s, hyperparameters, data_hash=rows_fingerprint(rows),
              what=describe_objective(s, hyperparameters))
     # before the policy exists (one model in memory at a time) and before a checkpoint is loaded into it
     ref, reference, live = None, None, None
     if "reference" in needs and not s.sync_ref_model:
-        ref = reference_logps(pairs, s, tokenizer.pad_token_id, d, per_token="reference_tokens" in needs)
+        ref = reference_logps(pairs, s, padding_id(tokenizer), d, per_token="reference_tokens" in needs)
         reference = cached_reference(ref, pairs, per_token="reference_tokens" in needs)
 
     policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
@@ -367,7 +390,7 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     run.resume(policy, optimizer, live)
     for step, batch in run.steps([len(p) + max(len(c), len(r)) for p, c, r in pairs]):
         lr = set_lr(optimizer, run.lr(step))
-        sums = accumulate_gradients(policy, pairs, batch, step, objective, reference, s, tokenizer.pad_token_id, d)
+        sums = accumulate_gradients(policy, pairs, batch, step, objective, reference, s, padding_id(tokenizer), d)
         grad_norm = clip_grad_norm(policy, s.max_grad_norm)
         means = {name: total / len(batch) for name, total in all_reduce_sums(d, sums).items()}
         run.check_finite(step, {"loss": means["loss"], "gradient norm": grad_norm})

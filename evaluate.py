@@ -52,7 +52,8 @@ from brevity.logprobs import SequenceLogps, response_logps
 from brevity.models import (check_model_dir, check_same_vocabulary, inference_dtype, load_model, load_tokenizer,
                             release_memory)
 from brevity.scoring import load_function, load_scorer, score_batches
-from brevity.tokens import encode_prompts, encode_responses, prompt_user_text, response_text
+from brevity.tokens import encode_prompts, encode_responses, padding_id, prompt_user_text, response_text
+from brevity.tracking import check_tracker, start_tracker
 
 
 @dataclasses.dataclass
@@ -76,6 +77,8 @@ class Settings(GenerationSettings):
                                         "its chat template, else its pair encoding")
     generator: str = setting("", "the `generator` name in generations.json; empty: --model")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
+    wandb_project: str = setting("", "also log eval.json's numbers to this Weights & Biases project (pip install "
+                                     "wandb); empty: off")
 
 
 @dataclasses.dataclass
@@ -188,7 +191,7 @@ def model_pass(name: str, s: Settings, d, tokenizer, prompt_ids: list[list[int]]
     if response_ids is None:
         response_ids = [r["token_ids"] for r in responses]
     logps = response_logps(SequenceLogps(model), list(zip(prompt_ids, response_ids)), s.batch_size,
-                           tokenizer.pad_token_id).tolist()
+                           padding_id(tokenizer)).tolist()
     del model
     release_memory()
     return responses, logps
@@ -287,6 +290,7 @@ def main(s: Settings) -> dict | list | None:
         raise UserError("give exactly one of --gold_fn module:function and --gold_model DIR_OR_HUB_ID")
     if s.gold_fn:
         load_function(s.gold_fn, "--gold_fn")  # a wrong name fails now, not after generating
+    check_tracker(s.wandb_project)
     sft_path = Path(s.sft_generations) if s.sft_generations else out / "sft_generations.jsonl"
     check_output_path(out, "--output_dir", directory=True)
     check_output_path(sft_path, "--sft_generations", directory=False)
@@ -319,6 +323,9 @@ def main(s: Settings) -> dict | list | None:
         result = {"model": s.model, "sft_model": s.sft_model, "eval_prompts": s.prompts,
                   "gold": s.gold_fn or s.gold_model, **sampling_key(s), **result}
         atomic_write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")  # last: marks the stage done
+        tracker = start_tracker(s.wandb_project, s.output_dir, dataclasses.asdict(s), d.is_main)
+        tracker.log(result)
+        tracker.finish(result)
         print(f"wrote {out / 'eval.json'}: gold {result['gold_score']:.3f}, win vs SFT {result['win_rate_vs_sft']:.3f} "
               f"(LC {result['lc_win_rate_vs_sft']:.3f}), KL {result['kl_vs_sft']:.2f}, length {result['length']:.1f}")
     barrier(d)

@@ -10,7 +10,9 @@ into --output_dir (default: beside the samples):
 - pairs.jsonl: one row per pair (one per kept prompt, but all_pairs may keep several), what dpo.py reads:
   {"prompt", "chosen", "rejected",
   "chosen_score", "rejected_score", "reward_gap", "chosen_length", "rejected_length", "length_gap"}
-  (lengths in policy tokens, EOS included; gaps are chosen minus rejected);
+  (lengths in policy tokens, the end of turn included; gaps are chosen minus rejected), and, when the samples
+  carry them, the sampled "chosen_token_ids", "rejected_token_ids" and their "vocab_sha256" (dpo.py trains on
+  those ids, so a length means the same tokens in both stages);
 - label_stats.json: counts (prompts, responses scored, pairs written; what the pair rule dropped as ties,
   below the margin, or with fewer than two usable responses; responses left out as unfinished or empty) and the length
   signals that iLR-DPO is about: the mean chosen-minus-rejected length gap, the share of pairs whose
@@ -93,6 +95,11 @@ def check_rows(rows: list[dict], path: str) -> None:
                     and r.get("finish_reason") in ("eos", "length")):
                 raise UserError(f"{path}: row {i + 1}: response {j + 1} needs text (string), num_tokens (integer) "
                                 "and finish_reason ('eos' or 'length')")
+            ids = r.get("token_ids")
+            if ids is not None and not (isinstance(ids, list) and len(ids) == r["num_tokens"]
+                                        and all(isinstance(t, int) and t >= 0 for t in ids)):
+                raise UserError(f"{path}: row {i + 1}: response {j + 1}: token_ids must be num_tokens "
+                                "non-negative integers")
 
 
 def response_key(prompt, text: str) -> str:
@@ -208,7 +215,8 @@ def make_pairs(row: dict, index: int, s: Settings) -> tuple[list[dict], dict[str
                           "chosen_score": best["score"], "rejected_score": worst["score"],
                           "reward_gap": best["score"] - worst["score"], "chosen_length": best["num_tokens"],
                           "rejected_length": worst["num_tokens"],
-                          "length_gap": best["num_tokens"] - worst["num_tokens"]})
+                          "length_gap": best["num_tokens"] - worst["num_tokens"],
+                          **sampled_token_ids(row, best, worst)})
     return pairs, drops
 
 
@@ -216,6 +224,15 @@ def check_pair_settings(s: Settings) -> None:
     if not math.isfinite(s.length_penalty) or (s.length_penalty != 0 and s.pair_rule != "length_penalised"):
         raise UserError(f"--length_penalty {s.length_penalty}: it must be finite and is used only by "
                         "--pair_rule length_penalised")
+
+
+def sampled_token_ids(row: dict, best: dict, worst: dict) -> dict:
+    """The pair's sampled token ids and the fingerprint of their vocabulary, when sample.py wrote them:
+    dpo.py then trains on the tokens that were sampled, the ones the lengths above count."""
+    if "vocab_sha256" not in row or "token_ids" not in best or "token_ids" not in worst:
+        return {}
+    return {"chosen_token_ids": best["token_ids"], "rejected_token_ids": worst["token_ids"],
+            "vocab_sha256": row["vocab_sha256"]}
 
 
 def correlation(xs: list[float], ys: list[float]) -> float | None:

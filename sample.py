@@ -8,10 +8,16 @@ the transformers model in batches of similar prompt lengths, left-padded, a row 
 when it emits EOS (brevity.generation.decode; every process holds a full copy of the model, never FSDP) ->
 write samples.jsonl, one row per prompt in input order:
 
-    {"prompt": <as given>, <the row's other fields>, "responses": [{"text", "num_tokens", "finish_reason"}, ...]}
+    {"prompt": <as given>, <the row's other fields>, "vocab_sha256": ...,
+     "responses": [{"text", "token_ids", "num_tokens", "finish_reason"}, ...]}
 
-`num_tokens` counts the response's tokens under the policy's tokenizer, EOS included when it was
-emitted; `finish_reason` is "eos", or "length" when max_new_tokens ran out first.
+`token_ids` are the sampled tokens, the stop token included when one was emitted (the chat template's
+end of turn, the EOS or a generation-config eos id: brevity.generation.stop_token_ids), and `num_tokens`
+their count; `finish_reason` is "eos", or "length" when max_new_tokens ran out first. `text` is those
+tokens decoded as they are, less the stop token: a special token sampled inside a response (such as
+<|im_start|> where the turn should have ended) stays in it, and is counted in the summary line.
+`vocab_sha256` fingerprints the tokenizer's vocabulary, so that dpo.py trains on these very ids when its
+tokenizer has the same one (label.py carries them into the pairs). vLLM rows carry no ids.
 
 Determinism: response j to prompt i is sampled from its own noise stream, a hash of (seed, i, j)
 (brevity.generation.SeededSampler), so it does not depend on the batch it was in, on --batch_size, on the
@@ -40,9 +46,9 @@ from brevity.files import (PROMPT, atomic_write_text, check_output_path, load_ro
 from brevity.generation import (GenerationSettings, check_generation_settings, generate_responses, response_seed,
                                 sampling_key)
 from brevity.models import check_model_dir, inference_dtype, load_model, load_tokenizer, model_fingerprint
-from brevity.tokens import encode_prompts
+from brevity.tokens import encode_prompts, end_of_turn_ids, special_ids, vocab_sha256
 
-RESPONSE_FIELDS = ("text", "num_tokens", "finish_reason")
+RESPONSE_FIELDS = ("text", "token_ids", "num_tokens", "finish_reason")
 
 
 @dataclasses.dataclass
@@ -139,7 +145,7 @@ def sample_vllm(s: Settings, d, prompts: list, indices: list[int], on_part) -> N
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
     dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[s.dtype]
     llm = LLM(s.model, dtype=dtype, seed=s.seed, trust_remote_code=s.trust_remote_code, load_format="safetensors")
-    stops = {tokenizer.eos_token_id, *tokenizer.all_special_ids}  # vLLM also stops at the config's end-of-turn ids
+    stops = {tokenizer.eos_token_id, *tokenizer.all_special_ids, *end_of_turn_ids(tokenizer)}
     ids = dict(zip(indices, encode_prompts(tokenizer, [prompts[i] for i in indices])))
     if s.max_prompt_length:
         ids = {i: x[-s.max_prompt_length:] for i, x in ids.items()}
@@ -147,6 +153,7 @@ def sample_vllm(s: Settings, d, prompts: list, indices: list[int], on_part) -> N
     for start in range(0, len(indices), step):
         part = indices[start:start + step]
         params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                 stop_token_ids=end_of_turn_ids(tokenizer),  # besides the config's eos ids
                                  seed=response_seed(s.seed, i, 0) & (2**31 - 1)) for i in part]
         outputs = llm.generate([{"prompt_token_ids": ids[i]} for i in part], params)
         results = {}
@@ -160,9 +167,16 @@ def sample_vllm(s: Settings, d, prompts: list, indices: list[int], on_part) -> N
         on_part(results)
 
 
-def assemble(rows: list[dict], results: dict[int, list[dict]]) -> list[dict]:
-    """Output rows in input order: each input row with its responses added."""
-    return [{**row, "responses": results[i]} for i, row in enumerate(rows)]
+def assemble(rows: list[dict], results: dict[int, list[dict]], vocab: str | None) -> list[dict]:
+    """Output rows in input order: each input row with its responses added, and the fingerprint of the
+    vocabulary their token ids belong to (`vocab`, None when they carry no ids)."""
+    extra = {"vocab_sha256": vocab} if vocab else {}
+    return [{**row, **extra, "responses": results[i]} for i, row in enumerate(rows)]
+
+
+def count_inner_special(responses: list[dict], special: set[int]) -> int:
+    """Responses with a special token before their last one (kept in their text as it was sampled)."""
+    return sum(any(t in special for t in r["token_ids"][:-1]) for r in responses if "token_ids" in r)
 
 
 def output_complete(path: Path, rows: list[dict]) -> bool:
@@ -211,14 +225,17 @@ def main(s: Settings) -> None:
     for part in all_gather_objects(d, new):
         done.update(part)
     if d.is_main:
+        tokenizer = load_tokenizer(s.model, s.trust_remote_code)
         save_settings(output.parent, s, name=f"{output.stem}_settings.json")
-        write_jsonl(output, assemble(rows, done))  # last but the clean-up: its presence means the stage is done
+        vocab = vocab_sha256(tokenizer) if s.engine == "hf" else None
+        write_jsonl(output, assemble(rows, done, vocab))  # last but the clean-up: its presence means the stage is done
         shutil.rmtree(folder, ignore_errors=True)
         stats = [r for responses in done.values() for r in responses]
         print(f"wrote {output}: {len(stats)} responses, mean {sum(r['num_tokens'] for r in stats) / len(stats):.1f} "
-              f"tokens, {sum(r['finish_reason'] == 'length' for r in stats) / len(stats):.1%} without EOS")
+              f"tokens, {sum(r['finish_reason'] == 'length' for r in stats) / len(stats):.1%} without EOS; "
+              f"{count_inner_special(stats, special_ids(tokenizer))} with a special token inside (kept in the text)")
         if s.max_prompt_length:  # counted over every prompt, so a resumed run reports the same number
-            lengths = map(len, encode_prompts(load_tokenizer(s.model, s.trust_remote_code), [r["prompt"] for r in rows]))
+            lengths = map(len, encode_prompts(tokenizer, [r["prompt"] for r in rows]))
             print(f"{sum(n > s.max_prompt_length for n in lengths)} of {len(rows)} prompts cut from the left to "
                   f"--max_prompt_length {s.max_prompt_length}")
     barrier(d)

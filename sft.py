@@ -21,7 +21,7 @@ from brevity.files import (PROMPT, RESPONSE, chat_problem, check_fields, field_p
                            rows_fingerprint)
 from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
 from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer
-from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length
+from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length, padding_id
 from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
 from losses import sft_loss
 
@@ -124,7 +124,7 @@ def main(s: Settings) -> torch.nn.Module | None:
     run.resume(policy, optimizer)
     for step, batch in run.steps([len(p) + len(r) for p, r in examples]):
         lr = set_lr(optimizer, run.lr(step))
-        sums = accumulate_gradients(policy, examples, batch, s, tokenizer.pad_token_id, d)
+        sums = accumulate_gradients(policy, examples, batch, s, padding_id(tokenizer), d)
         grad_norm = clip_grad_norm(policy, s.max_grad_norm)
         totals = all_reduce_sums(d, sums)
         loss = totals["nll"] / totals["response_tokens"]

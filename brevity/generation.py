@@ -12,6 +12,7 @@ import typing
 import torch
 
 from brevity.config import UserError, setting
+from brevity.tokens import end_of_turn_ids, padding_id
 
 
 @dataclasses.dataclass
@@ -114,8 +115,9 @@ class SeededSampler:
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS and any end-of-turn ids in the model's generation config."""
-    ids = {tokenizer.eos_token_id}
+    """What ends a response: the chat template's end of an assistant turn (`end_of_turn_ids`, what
+    responses are trained to end with), the tokenizer's EOS and the model's generation config's eos ids."""
+    ids = {tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)}
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
     return sorted(ids)
@@ -205,7 +207,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampler
 def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], g: GenerationSettings,
                        desc: str | None = None) -> list[dict]:
     """One response per prompt (repeat a prompt for several), in input order:
-    {"text", "token_ids" (EOS included if emitted), "num_tokens", "finish_reason": "eos" | "length"}.
+    {"text", "token_ids" (the stop token included if emitted), "num_tokens", "finish_reason": "eos" |
+    "length"}. The text is the tokens decoded as they are, special tokens included, less the final stop
+    token (`stop_token_ids`).
 
     Prompts are sorted by length (longest first: memory trouble shows at once) and left-padded into
     batches of `g.batch_size`, so a batch holds similar lengths; `decode` runs each batch, dropping
@@ -216,7 +220,7 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: lis
 
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad_id = padding_id(tokenizer)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     batches = [order[i:i + g.batch_size] for i in range(0, len(order), g.batch_size)]
     out: list[dict | None] = [None] * len(prompt_ids)
@@ -233,7 +237,9 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: lis
         for row, i in enumerate(batch):
             tokens = generated[row]
             ended = tokens[-1] in stops
-            text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
+            # Verbatim: a special token inside a response (<|im_start|> where the turn should have ended)
+            # stays in its text, so the labeller and a re-encoding see what was sampled
+            text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=False)
             out[i] = {"text": text, "token_ids": tokens, "num_tokens": len(tokens),
                       "finish_reason": "eos" if ended else "length"}
     return out

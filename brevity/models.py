@@ -79,8 +79,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     except Exception as e:  # OSError: no files; ValueError: bad JSON; KeyError etc.: a damaged tokenizer.json
         first = (str(e).strip().splitlines() or [''])[0]
         raise UserError(f"{name_or_path}: cannot load tokenizer ({type(e).__name__}: {first})")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
         raise UserError(f"{name_or_path}: tokenizer has no eos_token; responses could never end")
     return tok
@@ -188,6 +186,14 @@ def final_model_exists(out_dir: str | os.PathLike) -> bool:
     p = Path(out_dir)
     return (p / "config.json").is_file() and any((p / n).is_file() for n in ("model.safetensors",
                                                                             "model.safetensors.index.json"))
+
+
+def model_vocab_size(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """How many token ids the model reads: its config's vocab_size, often more than the tokenizer's
+    tokens (embedding rows padded to a multiple of 8 or 64), all of which a sampler can emit."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).get_text_config().vocab_size
 
 
 def release_memory() -> None:

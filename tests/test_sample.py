@@ -88,7 +88,7 @@ def test_output_rows_follow_input_order_and_keep_fields(policy_dir, tmp_path):
     assert [r["id"] for r in rows] == list(range(7))
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in inputs]
     assert rows[2]["chosen"] == "apple and pear"
-    assert all(len(r["responses"]) == 3 and set(r["responses"][0]) == {"text", "num_tokens", "finish_reason"}
+    assert all(len(r["responses"]) == 3 and set(r["responses"][0]) == {"text", "token_ids", "num_tokens", "finish_reason"}
                for r in rows)
 
 

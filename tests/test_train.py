@@ -200,7 +200,7 @@ def test_long_prompts_are_cut_from_the_left_and_pairs_that_do_not_fit_are_droppe
     dpo.main(s, hyper)
     stats = json.loads((out / "data_stats.json").read_text())
     assert stats == {"rows": 16, "pairs": 15, "prompts_cut": 1, "responses_cut": 0, "dropped_too_long": 1,
-                     "dropped_identical": 0}
+                     "dropped_identical": 0, "sampled_token_ids": 0}
     assert "1 prompts cut from the left to 40 tokens; 1 pairs dropped" in capsys.readouterr().out
 
 
