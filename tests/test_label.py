@@ -157,11 +157,21 @@ def test_ties_are_dropped_and_counted(tmp_path, reward_module):
     assert stats["dropped_ties"] == 3 and stats["pairs_written"] == 0 and not (tmp_path / "pairs.jsonl").exists()
 
 
-def test_the_same_text_as_best_and_worst_is_a_tie_whatever_the_scores(tmp_path, reward_module):
-    """`seen` scores response i as i, so the two "pear" responses get different scores (8 and 9)."""
+def test_the_same_text_as_best_and_worst_is_a_tie_whatever_the_scores():
+    """Two responses with the same text and different scores (8 and 9), as a reward that is not a
+    function of the text could give: best and worst are the same text, so the prompt is a tie."""
+    row = {"prompt": "list two fruits", "responses": [{**response("pear"), "score": 8.0},
+                                                      {**response("pear"), "score": 9.0}]}
+    pairs, drops = label.make_pairs(row, 0, label.Settings())
+    assert pairs == [] and drops == {"tie": 1, "below_margin": 0, "fewer_than_two": 0}
+
+
+def test_the_same_text_twice_is_scored_once_and_its_prompt_is_a_tie(tmp_path, reward_module):
+    """label.py keeps one score per (prompt, text): the two "pear" responses share it, and the prompt
+    is dropped as a tie."""
     stats = run_label(tmp_path, SAME_TEXT_TWICE, reward_fn=f"{reward_module}:seen")
     scores = files.read_jsonl(tmp_path / "scores.jsonl")[3]["responses"]
-    assert [r["score"] for r in scores] == [8.0, 9.0]
+    assert scores[0]["score"] == scores[1]["score"]
     assert stats["dropped_ties"] == 1 and stats["pairs_written"] == 2
     assert "pear" not in [p["chosen"] for p in files.read_jsonl(tmp_path / "pairs.jsonl")]
 
