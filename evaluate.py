@@ -95,28 +95,49 @@ def mean_and_stderr(xs: list[float]) -> tuple[float, float]:
 
 def length_controlled_win_rate(wins: list[float], length_diffs: list[float], l2: float = 1e-3) -> dict:
     """AlpacaEval 2.0's idea with a single comparison model: fit
-    P(win) = sigmoid(a + b * tanh(dlen / sd(dlen))) to the wins (soft labels: a tie is 0.5) by Newton's
-    method on the mean log-likelihood minus l2/2 * (a^2 + b^2) (the penalty keeps a finite when every
-    prompt is won); return {"lc_win_rate": sigmoid(a), the win rate at zero length difference,
-    "intercept": a, "slope": b, "length_scale": sd(dlen)}. With equal lengths it is the plain win rate,
-    up to the penalty's pull toward 0.5 (about l2 * logit / (p (1 - p)) on the logit).
+    P(win) = sigmoid(a + b * tanh(dlen / sd(dlen))) to the wins (soft labels: a tie is 0.5) by maximum
+    likelihood (Newton's method on the mean log-likelihood, steps halved until it rises) and return
+    {"lc_win_rate": sigmoid(a), the win rate at zero length difference, "intercept": a, "slope": b,
+    "length_scale": sd(dlen), "penalised": bool}. With equal lengths (sd 0) only a is fitted and the LC
+    win rate is the plain win rate.
+
+    The maximum-likelihood fit is finite unless the outcomes are separated by length: every prompt won
+    (or lost), or every win at a length difference at least (or at most) that of every loss, a tie
+    counting as both. Only then the fit falls back to the mean log-likelihood minus l2/2 * (a^2 + b^2),
+    which keeps a and b finite ("penalised": true).
     """
     y = torch.tensor(wins, dtype=torch.float64)
     d = torch.tensor(length_diffs, dtype=torch.float64)
     scale = float(d.std()) if len(d) > 1 else 0.0
     x = torch.tanh(d / scale) if scale > 0 else torch.zeros_like(d)
-    features = torch.stack([torch.ones_like(x), x], dim=1)
-    w = torch.zeros(2, dtype=torch.float64)
+    won, lost = x[y > 0], x[y < 1]  # where the soft labels put weight on a win, and on a loss
+    if scale > 0:
+        separated = len(won) == 0 or len(lost) == 0 or lost.max() <= won.min() or won.max() <= lost.min()
+        features = torch.stack([torch.ones_like(x), x], dim=1)
+    else:
+        separated = len(won) == 0 or len(lost) == 0
+        features = torch.ones_like(x)[:, None]
+    penalty = l2 if separated else 0.0
+
+    def objective(w):  # the mean log-likelihood, less the penalty
+        z = features @ w
+        return float((y * z - torch.nn.functional.softplus(z)).mean() - penalty / 2 * (w @ w))
+
+    w = torch.zeros(features.shape[1], dtype=torch.float64)
+    eye = torch.eye(len(w), dtype=torch.float64)
     for _ in range(100):
         p = torch.sigmoid(features @ w)
-        grad = features.T @ (p - y) / len(y) + l2 * w
-        hessian = (features.T * (p * (1 - p))) @ features / len(y) + l2 * torch.eye(2, dtype=torch.float64)
-        step = torch.linalg.solve(hessian, grad)
-        w -= step
+        grad = features.T @ (y - p) / len(y) - penalty * w
+        hessian = (features.T * (p * (1 - p))) @ features / len(y) + penalty * eye
+        step, before = torch.linalg.solve(hessian, grad), objective(w)
+        while objective(w + step) < before and step.abs().max() > 1e-12:
+            step = step / 2
+        w = w + step
         if step.abs().max() < 1e-12:
             break
-    return {"lc_win_rate": float(torch.sigmoid(w[0])), "intercept": float(w[0]), "slope": float(w[1]),
-            "length_scale": scale}
+    slope = float(w[1]) if len(w) > 1 else 0.0
+    return {"lc_win_rate": float(torch.sigmoid(w[0])), "intercept": float(w[0]), "slope": slope,
+            "length_scale": scale, "penalised": bool(separated)}
 
 
 def metrics(records: list[dict]) -> dict:
