@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def save(fig, path: str | os.PathLike) -> None:
+def save_png(fig, path: str | os.PathLike) -> None:
     """Write `fig` as a PNG at `path` atomically and close it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -49,7 +49,7 @@ def plot_iterations(tables: dict[str, list[dict]], path: str | os.PathLike) -> N
         ax.set_xticks(sorted({r["iteration"] for rows in tables.values() for r in rows}))
         ax.grid(alpha=0.3)
     axes[0].legend()
-    save(fig, path)
+    save_png(fig, path)
 
 
 def plot_sweep(points: list[dict], sft: dict, path: str | os.PathLike) -> None:
@@ -72,7 +72,7 @@ def plot_sweep(points: list[dict], sft: dict, path: str | os.PathLike) -> None:
              max(1, sum(p["method"] == m for p in points)) for m in methods]
     axes[0].legend()
     fig.suptitle("grid points below SFT's gold: " + ", ".join(f"{m} {b:.0%}" for m, b in zip(methods, below)))
-    save(fig, path)
+    save_png(fig, path)
 
 
 def plot_curves(curves: dict[str, dict[str, list[float]]], panels: tuple[str, ...], path: str | os.PathLike,
@@ -87,4 +87,4 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], panels: tuple[str, ..
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    save(fig, path)
+    save_png(fig, path)

@@ -490,6 +490,7 @@ TEMP_THEN_RENAME = {  # the functions that may write a file, and why each is ato
     "build_tokenizer": "embedded.py: writes into write_dir's temporary directory",
     "build_init_model": "embedded.py: writes into write_dir's temporary directory",
     "write_dir": "embedded.py: a temporary directory, then renamed",
+    "save_png": "brevity/plots.py: writes .NAME.tmp, then os.replace",
 }
 
 
