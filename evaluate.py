@@ -25,6 +25,13 @@ to *PO, section 2 of PAPERS.md), over the prompts:
   when emitted; share_without_eos: responses cut by max_new_tokens;
 - standard errors of the gold score, the win rates and the KL.
 
+Best-of-n (`--best_of N`, as the Storm-7B model card reports its best-of-64 row): the policy samples
+N responses per prompt (response j to prompt i seeded by (seed, i, j), so j = 0 is the plain
+evaluation's), the labelling reward (--reward_fn or --reward_model, never the gold) scores them, and
+the highest-scoring one (the first on ties) is the policy's response. The SFT responses stay one
+sample each. kl_vs_sft is then the mean log-ratio of the kept responses, not the best-of-n policy's
+KL (which is at most log N - (N - 1) / N nats above the policy's).
+
 Outputs in --output_dir: eval.json (the metrics, written last), generations.json (AlpacaEval's
 model-outputs format: instruction, output, generator, dataset), details.jsonl (per prompt: responses,
 lengths, scores, log-probs) and settings.json. The generated SFT responses go to --sft_generations
@@ -37,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -76,6 +84,14 @@ class Settings(GenerationSettings):
                                         "and {response}, \\n a newline; used instead of its chat template; empty: "
                                         "its chat template, else its pair encoding")
     generator: str = setting("", "the `generator` name in generations.json; empty: --model")
+    best_of: int = setting(1, "sample this many responses per prompt and keep the one the labelling reward "
+                              "(--reward_fn / --reward_model) scores highest; 1: one sample")
+    reward_fn: str = setting("", "best-of-n: the labelling reward function module:function (label.py's), e.g. "
+                                 "embedded:proxy_reward; never the gold")
+    reward_model: str = setting("", "best-of-n: the labelling reward model, a directory or hub id (label.py's)")
+    reward_max_length: int = setting(0, "best-of-n reward model: a longer conversation loses tokens from the left; "
+                                        "0: no limit")
+    reward_text_format: str = setting("", "best-of-n reward model: the text it reads (as --gold_text_format)")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
     wandb_project: str = setting("", "also log eval.json's numbers to this Weights & Biases project (pip install "
                                      "wandb); empty: off")
@@ -83,8 +99,10 @@ class Settings(GenerationSettings):
 
 @dataclasses.dataclass
 class SummarySettings:
-    summarize: str = setting("", "a run directory: print and save (summary.jsonl, summary.md) the table of its "
-                                 "iter*/eval/eval.json")
+    summarize: list[str] = dataclasses.field(default_factory=list, metadata={"help": (
+        "run directories: print and save (summary.jsonl, summary.md, summary.png) the table of each one's "
+        "iter*/eval/eval.json; with several, also one figure with a line per run (--figure)")})
+    figure: str = setting("", "the figure of several runs; empty: summary.png in their common parent directory")
 
 
 def win(a: float, b: float) -> float:
@@ -100,28 +118,49 @@ def mean_and_stderr(xs: list[float]) -> tuple[float, float]:
 
 def length_controlled_win_rate(wins: list[float], length_diffs: list[float], l2: float = 1e-3) -> dict:
     """AlpacaEval 2.0's idea with a single comparison model: fit
-    P(win) = sigmoid(a + b * tanh(dlen / sd(dlen))) to the wins (soft labels: a tie is 0.5) by Newton's
-    method on the mean log-likelihood minus l2/2 * (a^2 + b^2) (the penalty keeps a finite when every
-    prompt is won); return {"lc_win_rate": sigmoid(a), the win rate at zero length difference,
-    "intercept": a, "slope": b, "length_scale": sd(dlen)}. With equal lengths it is the plain win rate,
-    up to the penalty's pull toward 0.5 (about l2 * logit / (p (1 - p)) on the logit).
+    P(win) = sigmoid(a + b * tanh(dlen / sd(dlen))) to the wins (soft labels: a tie is 0.5) by maximum
+    likelihood (Newton's method on the mean log-likelihood, steps halved until it rises) and return
+    {"lc_win_rate": sigmoid(a), the win rate at zero length difference, "intercept": a, "slope": b,
+    "length_scale": sd(dlen), "penalised": bool}. With equal lengths (sd 0) only a is fitted and the LC
+    win rate is the plain win rate.
+
+    The maximum-likelihood fit is finite unless the outcomes are separated by length: every prompt won
+    (or lost), or every win at a length difference at least (or at most) that of every loss, a tie
+    counting as both. Only then the fit falls back to the mean log-likelihood minus l2/2 * (a^2 + b^2),
+    which keeps a and b finite ("penalised": true).
     """
     y = torch.tensor(wins, dtype=torch.float64)
     d = torch.tensor(length_diffs, dtype=torch.float64)
     scale = float(d.std()) if len(d) > 1 else 0.0
     x = torch.tanh(d / scale) if scale > 0 else torch.zeros_like(d)
-    features = torch.stack([torch.ones_like(x), x], dim=1)
-    w = torch.zeros(2, dtype=torch.float64)
+    won, lost = x[y > 0], x[y < 1]  # where the soft labels put weight on a win, and on a loss
+    if scale > 0:
+        separated = len(won) == 0 or len(lost) == 0 or lost.max() <= won.min() or won.max() <= lost.min()
+        features = torch.stack([torch.ones_like(x), x], dim=1)
+    else:
+        separated = len(won) == 0 or len(lost) == 0
+        features = torch.ones_like(x)[:, None]
+    penalty = l2 if separated else 0.0
+
+    def objective(w):  # the mean log-likelihood, less the penalty
+        z = features @ w
+        return float((y * z - torch.nn.functional.softplus(z)).mean() - penalty / 2 * (w @ w))
+
+    w = torch.zeros(features.shape[1], dtype=torch.float64)
+    eye = torch.eye(len(w), dtype=torch.float64)
     for _ in range(100):
         p = torch.sigmoid(features @ w)
-        grad = features.T @ (p - y) / len(y) + l2 * w
-        hessian = (features.T * (p * (1 - p))) @ features / len(y) + l2 * torch.eye(2, dtype=torch.float64)
-        step = torch.linalg.solve(hessian, grad)
-        w -= step
+        grad = features.T @ (y - p) / len(y) - penalty * w
+        hessian = (features.T * (p * (1 - p))) @ features / len(y) + penalty * eye
+        step, before = torch.linalg.solve(hessian, grad), objective(w)
+        while objective(w + step) < before and step.abs().max() > 1e-12:
+            step = step / 2
+        w = w + step
         if step.abs().max() < 1e-12:
             break
-    return {"lc_win_rate": float(torch.sigmoid(w[0])), "intercept": float(w[0]), "slope": float(w[1]),
-            "length_scale": scale}
+    slope = float(w[1]) if len(w) > 1 else 0.0
+    return {"lc_win_rate": float(torch.sigmoid(w[0])), "intercept": float(w[0]), "slope": slope,
+            "length_scale": scale, "penalised": bool(separated)}
 
 
 def metrics(records: list[dict]) -> dict:
@@ -176,6 +215,33 @@ def read_sft_generations(path: Path, rows: list[dict], s: Settings) -> list[dict
     return saved
 
 
+def best_indices(scores: list[float], n: int) -> list[int]:
+    """Per consecutive group of `n` scores (one prompt's candidates), the index (into `scores`) of the
+    highest, the first of equal ones."""
+    return [start + max(range(n), key=lambda j: (scores[start + j], -j)) for start in range(0, len(scores), n)]
+
+
+def best_of_n(s: Settings, d, tokenizer, prompts: list, prompt_ids: list[list[int]], indices: list[int]) -> list[dict]:
+    """s.best_of responses per prompt from the policy, scored by the labelling reward; per prompt the
+    highest-scoring one, with all its candidates' scores as "best_of_scores". The policy is released
+    before the reward is loaded."""
+    n = s.best_of
+    model = load_model(s.model, inference_dtype(s.dtype, d.device), s.trust_remote_code).to(d.device)
+    seeds = [response_seed(s.seed, i, j) for i in indices for j in range(n)]
+    candidates = generate_responses(model, tokenizer, [p for p in prompt_ids for _ in range(n)], seeds, s,
+                                    f"evaluate: best of {n}" if d.is_main else None)
+    del model
+    release_memory()
+    scorer = load_scorer(s.reward_fn, s.reward_model, d.device, inference_dtype(s.dtype, d.device),
+                         s.gold_batch_size, s.reward_max_length, s.reward_text_format, s.trust_remote_code)
+    scores = scorer([p for p in prompts for _ in range(n)], [c["text"] for c in candidates])
+    bad = next((j for j, v in enumerate(scores) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise UserError(f"the reward returned {scores[bad]} for sample {bad % n} of prompt {indices[bad // n]} "
+                        f"(0-based row of the prompts); scores must be finite numbers")
+    return [{**candidates[k], "best_of_scores": scores[k - k % n:k - k % n + n]} for k in best_indices(scores, n)]
+
+
 def model_pass(name: str, s: Settings, d, tokenizer, prompt_ids: list[list[int]], indices: list[int],
                generate: bool, response_ids: list[list[int]] | None = None) -> tuple[list[dict] | None, list[float]]:
     """Load model `name`, sample one response per prompt if `generate` (response i seeded by (seed,
@@ -201,9 +267,15 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
     """Per-prompt records for the prompts in `indices`: responses, lengths, log-probs, gold scores.
     The SFT model's responses come from `sft_saved` when given, else they are sampled here."""
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
-    prompt_ids = encode_prompts(tokenizer, [rows[i]["prompt"] for i in indices])
-    policy, logps = model_pass(s.model, s, d, tokenizer, prompt_ids, indices, generate=True)
-    if same_model(s.model, s.sft_model):
+    prompts = [rows[i]["prompt"] for i in indices]
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    if s.best_of > 1:
+        policy = best_of_n(s, d, tokenizer, prompts, prompt_ids, indices)
+        _, logps = model_pass(s.model, s, d, tokenizer, prompt_ids, indices, generate=False,
+                              response_ids=[r["token_ids"] for r in policy])
+    else:
+        policy, logps = model_pass(s.model, s, d, tokenizer, prompt_ids, indices, generate=True)
+    if same_model(s.model, s.sft_model) and s.best_of == 1:
         sft, sft_logps = policy, logps
     else:
         sft, sft_logps = model_pass(s.sft_model, s, d, tokenizer, prompt_ids, indices, generate=sft_saved is None,
@@ -214,7 +286,6 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
 
     scorer = load_scorer(s.gold_fn, s.gold_model, d.device, inference_dtype(s.dtype, d.device), s.gold_batch_size,
                          s.gold_max_length, s.gold_text_format, s.trust_remote_code, flag="gold")
-    prompts = [rows[i]["prompt"] for i in indices]
     chosen_texts = [response_text(rows[i]["chosen"]) for i in indices]
     gold = score_batches(scorer, prompts * 3, [g["text"] for g in policy] + chosen_texts + [g["text"] for g in sft],
                          s.gold_batch_size)
@@ -230,7 +301,8 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
              "logp": logps[k], "sft_logp": sft_logps[k], "chosen": chosen_texts[k],
              "chosen_num_tokens": chosen_lengths[k], "chosen_gold": gold[n + k], "sft_output": sft[k]["text"],
              "sft_num_tokens": sft[k]["num_tokens"], "sft_finish_reason": sft[k]["finish_reason"],
-             "sft_gold": gold[2 * n + k]} for k, i in enumerate(indices)]
+             "sft_gold": gold[2 * n + k], **({"best_of_scores": policy[k]["best_of_scores"]} if s.best_of > 1 else {})}
+            for k, i in enumerate(indices)]
 
 
 SUMMARY_COLUMNS = (("gold", "gold_score"), ("win/chosen", "win_rate_vs_chosen"), ("win/SFT", "win_rate_vs_sft"),
@@ -244,15 +316,14 @@ LABEL_KEYS = ("mean_length", "share_without_eos", "mean_length_gap", "share_chos
               "reward_length_correlation", "reward_length_correlation_within_prompt", "pairs_written")
 
 
-def summarize(s: SummarySettings) -> list[dict]:
-    """Print a markdown table of run_dir/iter*/eval/eval.json and write summary.jsonl and summary.md there.
+def summary_table(run_dir: str) -> list[dict]:
+    """The rows of run_dir/iter*/eval/eval.json, by iteration, with label.py's statistics as `sampled/*`.
 
     Iteration k's row: the evaluation of iteration k's model (iteration 0: the starting model) and, as
     `sampled/*`, label.py's statistics of the samples iteration k trained on (drawn from iteration k-1's
     policy): mean sampled length, share without EOS, chosen-minus-rejected length gap of the pairs and
     the reward-length correlation. These are the length signals that show a loop drifting to verbosity.
     """
-    run_dir = s.summarize
     found = {int(m.group(1)): p for p in Path(run_dir).glob("iter*/eval/eval.json")
              if (m := re.fullmatch(r"iter(\d+)", p.parent.parent.name))}
     if not found:
@@ -265,16 +336,49 @@ def summarize(s: SummarySettings) -> list[dict]:
             stats = read_json(stats_path)
             row.update({f"sampled/{key}": stats.get(key) for key in LABEL_KEYS})
         table.append(row)
+    return table
+
+
+def markdown_table(table: list[dict]) -> str:
     lines = ["| iteration | " + " | ".join(name for name, _ in SUMMARY_COLUMNS) + " |",
              "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
     for row in table:
         cells = [f"{row[key]:.3f}" if isinstance(row.get(key), (int, float)) else "-" for _, key in SUMMARY_COLUMNS]
         lines.append(f"| {row['iteration']} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    write_jsonl(Path(run_dir) / "summary.jsonl", table)
-    atomic_write_text(Path(run_dir) / "summary.md", text)
-    print(text, end="")
-    return table
+    return "\n".join(lines) + "\n"
+
+
+def summarize(s: SummarySettings) -> dict[str, list[dict]]:
+    """For each run directory: print its table and write summary.jsonl, summary.md and summary.png
+    (gold, LC win rate and length per iteration) there; with several runs, also one figure with a
+    line per run. Returns {run directory: table}."""
+    if not s.summarize:
+        raise UserError("--summarize needs at least one run directory")
+    tables = {run_dir: summary_table(run_dir) for run_dir in s.summarize}
+    for run_dir, table in tables.items():
+        text = markdown_table(table)
+        write_jsonl(Path(run_dir) / "summary.jsonl", table)
+        atomic_write_text(Path(run_dir) / "summary.md", text)
+        print(f"{run_dir}:\n{text}" if len(tables) > 1 else text, end="")
+    try:
+        from brevity import plots
+    except ImportError:
+        print("no figures: matplotlib is not installed (pip install -r requirements.txt)")
+        return tables
+    names = run_names(list(tables))
+    for run_dir, table in tables.items():
+        plots.plot_iterations({names[run_dir]: table}, Path(run_dir) / "summary.png")
+    if len(tables) > 1:
+        figure = s.figure or str(Path(os.path.commonpath([str(Path(r).resolve()) for r in tables])) / "summary.png")
+        plots.plot_iterations({names[r]: t for r, t in tables.items()}, figure)
+        print(f"wrote {figure}")
+    return tables
+
+
+def run_names(run_dirs: list[str]) -> dict[str, str]:
+    """A legend name per run directory: its last component, or the whole path where two share it."""
+    last = [Path(r).name or r for r in run_dirs]
+    return {r: n if last.count(n) == 1 else r for r, n in zip(run_dirs, last)}
 
 
 def main(s: Settings) -> dict | list | None:
@@ -291,6 +395,16 @@ def main(s: Settings) -> dict | list | None:
     if s.gold_fn:
         load_function(s.gold_fn, "--gold_fn")  # a wrong name fails now, not after generating
     check_tracker(s.wandb_project)
+    if s.best_of < 1:
+        raise UserError(f"need --best_of >= 1, got {s.best_of}")
+    if s.best_of > 1:
+        if bool(s.reward_fn) == bool(s.reward_model):
+            raise UserError("--best_of needs exactly one of --reward_fn module:function and --reward_model DIR_OR_HUB_ID")
+        if (s.reward_fn or s.reward_model) == (s.gold_fn or s.gold_model):
+            raise UserError(f"--best_of: the labelling reward {s.reward_fn or s.reward_model} is the gold scorer; "
+                            "best-of-n must not select with the judge")
+        if s.reward_fn:
+            load_function(s.reward_fn, "--reward_fn")
     sft_path = Path(s.sft_generations) if s.sft_generations else out / "sft_generations.jsonl"
     check_output_path(out, "--output_dir", directory=True)
     check_output_path(sft_path, "--sft_generations", directory=False)
@@ -321,7 +435,8 @@ def main(s: Settings) -> dict | list | None:
                                     **sampling_key(s)} for r in records])
         save_settings(out, s)
         result = {"model": s.model, "sft_model": s.sft_model, "eval_prompts": s.prompts,
-                  "gold": s.gold_fn or s.gold_model, **sampling_key(s), **result}
+                  "gold": s.gold_fn or s.gold_model, **sampling_key(s), "best_of": s.best_of,
+                  **({"best_of_reward": s.reward_fn or s.reward_model} if s.best_of > 1 else {}), **result}
         atomic_write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")  # last: marks the stage done
         tracker = start_tracker(s.wandb_project, s.output_dir, dataclasses.asdict(s), d.is_main)
         tracker.log(result)

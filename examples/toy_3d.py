@@ -6,7 +6,7 @@ response is a single "token": logp(y) is its log-probability and |y| = 1.
 Step 1 ("SFT") fits the policy to `initial_probs()`; step 2 trains on pairs (prompt i, chosen i, a random
 rejected from 4-7) against the frozen SFT policy as the reference, through `losses.LOSSES[name].fn`.
 
-    python examples/toy_3d.py        # dpo, dpo_sft, flexdpo, each with its defaults in losses.py
+    python examples/toy_3d.py        # dpo, dpo_sft, flexdpo, each with its defaults in losses.py; runs/toy_3d.png
 
 Expected (seed 0), in about 4 s on 2 CPU cores:
     dpo      chosen 0.100 -> peak 0.83 -> 0.28 | rejected 0.150 -> 0.0000 | unseen 0.300 -> 0.72 | ...
@@ -24,6 +24,7 @@ softmax mass once the chosen logits grow. The learning rate (Adam 2e-3, paper: 5
 this shows within 800 steps.
 """
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # losses.py sits one level up
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # losses.py and brevity/ sit one level up
 from losses import LOSSES, loss_hyperparameters  # noqa: E402
 
 N_PROMPTS, N_RESPONSES = 4, 10
@@ -116,26 +117,20 @@ def train_preferences(loss: str, hyperparameters: dict[str, float], steps: int =
     return curves
 
 
-def main(losses: tuple[str, ...] = ("dpo", "dpo_sft", "flexdpo"), seed: int = 0) -> dict[str, Curves]:
+def main(losses: tuple[str, ...] = ("dpo", "dpo_sft", "flexdpo"), seed: int = 0,
+         figure: str = "runs/toy_3d.png") -> dict[str, Curves]:
+    """Train with each loss, print the curves' start, peak and end, and draw them to `figure`."""
     results = {name: train_preferences(name, loss_hyperparameters(name), seed=seed) for name in losses}
     for name, c in results.items():
         print(f"{name:8s} chosen {c.chosen[0]:.3f} -> peak {max(c.chosen):.2f} -> {c.chosen[-1]:.2f}"
               f" | rejected {c.rejected[0]:.3f} -> {c.rejected[-1]:.4f}"
               f" | unseen {c.unseen[0]:.3f} -> {c.unseen[-1]:.2f}"
               f" | never_paired {c.never_paired[0]:.3f} -> {c.never_paired[-1]:.3f}")
-    try:
-        import matplotlib.pyplot as plt  # optional: not a dependency
-    except ImportError:
-        return results
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for name, c in results.items():
-        for ax, title in zip(axes, ("chosen", "rejected", "unseen", "never_paired")):
-            ax.plot(getattr(c, title), label=name)
-            ax.set_title(title)
-            ax.set_xlabel("step")
-    axes[0].legend()
-    fig.savefig("toy_3d.png", dpi=120, bbox_inches="tight")
-    print("saved toy_3d.png")
+    from brevity import plots
+
+    plots.plot_curves({name: dataclasses.asdict(c) for name, c in results.items()},
+                      ("chosen", "rejected", "unseen", "never_paired"), figure)
+    print(f"wrote {figure}")
     return results
 
 

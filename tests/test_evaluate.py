@@ -43,11 +43,14 @@ def eval_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gold_module(tmp_path_factory) -> str:
-    """A gold scorer on sys.path that pays for the words 'apple' and 'red' and a little for brevity."""
+    """A gold scorer on sys.path that pays for the words 'apple' and 'red' and a little for brevity (and, as
+    toy_gold:words, a labelling reward that pays for words)."""
     folder = tmp_path_factory.mktemp("gold")
     (folder / "toy_gold.py").write_text(
         "def score(prompts, responses):\n"
-        "    return [sum(w in ('apple', 'red') for w in r.split()) - 0.1 * len(r.split()) for r in responses]\n",
+        "    return [sum(w in ('apple', 'red') for w in r.split()) - 0.1 * len(r.split()) for r in responses]\n"
+        "def words(prompts, responses):\n"
+        "    return [len(r.split()) for r in responses]\n",
         encoding="utf-8")
     sys.path.insert(0, str(folder))
     yield "toy_gold:score"
@@ -205,6 +208,29 @@ def test_lc_win_rate_stays_finite_when_every_prompt_is_won():
     assert 0.9 < fit["lc_win_rate"] <= 1.0
 
 
+def test_best_of_n_keeps_the_sample_the_labelling_reward_scores_highest(models, eval_file, gold_module, tmp_path):
+    """toy_gold:words pays one per word: of 4 samples the longest is kept, and sample 0 is the one the
+    plain evaluation draws."""
+    run_eval(models, eval_file, gold_module, tmp_path / "plain")
+    result = run_eval(models, eval_file, gold_module, tmp_path / "best", best_of=4, reward_fn="toy_gold:words")
+    plain = files.read_jsonl(tmp_path / "plain" / "details.jsonl")
+    best = files.read_jsonl(tmp_path / "best" / "details.jsonl")
+    for one, kept in zip(plain, best):
+        assert len(kept["best_of_scores"]) == 4 and kept["best_of_scores"][0] == len(one["output"].split())
+        assert len(kept["output"].split()) == max(kept["best_of_scores"])
+    assert any(k["output"] != o["output"] for o, k in zip(plain, best))
+    assert result["best_of"] == 4 and result["best_of_reward"] == "toy_gold:words"
+
+
+def test_best_of_n_with_the_gold_as_reward_is_a_one_line_error(models, eval_file, gold_module, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        config.run_main(evaluate.main, (evaluate.Settings,), argv=[
+            "--model", str(models["policy"]), "--prompts", str(eval_file), "--gold_fn", gold_module,
+            "--output_dir", str(tmp_path / "out"), "--best_of", "4", "--reward_fn", gold_module])
+    assert capsys.readouterr().err.startswith(f"error: --best_of: the labelling reward {gold_module} is the gold")
+    assert not (tmp_path / "out").exists()
+
+
 def test_summarize_tabulates_the_iterations(tmp_path, capsys):
     for k, gold in ((0, 0.4), (1, 0.5), (10, 0.6)):
         folder = tmp_path / f"iter{k}" / "eval"
@@ -212,13 +238,28 @@ def test_summarize_tabulates_the_iterations(tmp_path, capsys):
         (folder / "eval.json").write_text(json.dumps({"gold_score": gold, "length": 7.0}))
     (tmp_path / "iter1" / "label_stats.json").write_text(json.dumps(
         {"mean_length": 9.5, "share_without_eos": 0.25, "mean_length_gap": 2.0, "reward_length_correlation": 0.5}))
-    table = evaluate.summarize(evaluate.SummarySettings(summarize=str(tmp_path)))
+    table = evaluate.summarize(evaluate.SummarySettings(summarize=[str(tmp_path)]))[str(tmp_path)]
     assert [row["iteration"] for row in table] == [0, 1, 10] and table[2]["gold_score"] == 0.6
     assert table[1]["sampled/mean_length_gap"] == 2.0 and "sampled/mean_length" not in table[0]
     printed = capsys.readouterr().out
     assert "| 10 | 0.600 |" in printed and (tmp_path / "summary.md").read_text() == printed
     assert "| 1 | 0.500 | - | - | - | - | - | 7.000 | - | 9.500 | 0.250 | 2.000 | 0.500 |" in printed
     assert files.read_jsonl(tmp_path / "summary.jsonl") == json.loads(json.dumps(table))
+
+
+def test_summarize_draws_a_figure_per_run_and_one_with_a_line_per_run(tmp_path):
+    for run, golds in (("dpo", (0.4, 0.5, 0.3)), ("ilrdpo", (0.4, 0.6, 0.7))):
+        for k, gold in enumerate(golds):
+            folder = tmp_path / "runs" / run / f"iter{k}" / "eval"
+            folder.mkdir(parents=True)
+            (folder / "eval.json").write_text(json.dumps(
+                {"gold_score": gold, "gold_score_stderr": 0.03, "lc_win_rate_vs_sft": 0.5, "length": 7.0 + k}))
+    runs = [str(tmp_path / "runs" / "dpo"), str(tmp_path / "runs" / "ilrdpo")]
+    tables = evaluate.summarize(evaluate.SummarySettings(summarize=runs))
+    assert [row["gold_score"] for row in tables[runs[1]]] == [0.4, 0.6, 0.7]
+    for path in (tmp_path / "runs" / "dpo" / "summary.png", tmp_path / "runs" / "ilrdpo" / "summary.png",
+                 tmp_path / "runs" / "summary.png"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
 
 
 def test_missing_chosen_is_a_one_line_error(models, gold_module, tmp_path, capsys):

@@ -896,6 +896,7 @@ TEMP_THEN_RENAME = {  # the functions that may write a file, and why each is ato
     "write_dir": "embedded.py: a temporary directory, then renamed",
     "lock_output_dir": "a lock file beside output_dir, not an output: it names the process holding it",
     "open_score_log": "label.py: an append-only log of scores; a line cut by a kill is skipped when read",
+    "save_png": "brevity/plots.py: writes .NAME.tmp, then os.replace",
 }
 
 

@@ -49,3 +49,8 @@ def test_regulariser_keeps_the_chosen_probability_above_dpo(curves, name):
     """dpo_sft (SFT term on y_w) and flexdpo (beta_rejected 0.05 < beta_chosen 0.1) end with a clearly
     higher chosen probability than dpo."""
     assert curves[name].chosen[-1] > curves["dpo"].chosen[-1] + 0.3
+
+
+def test_main_draws_the_curves_of_each_loss(tmp_path):
+    toy_3d.main(losses=("dpo",), figure=str(tmp_path / "toy_3d.png"))
+    assert (tmp_path / "toy_3d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
