@@ -27,7 +27,7 @@ from brevity.config import UserError, run_main, setting
 from brevity.files import TEXT_OR_CHAT, load_rows, require_input
 from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
 from brevity.logprobs import response_logps
-from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer, release_memory
+from brevity.models import DTYPES, check_model_dir, compute_dtype, load_model, load_tokenizer, release_memory
 from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length
 from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
 from losses import LOSSES, loss_hyperparameters
@@ -135,8 +135,8 @@ def model_fingerprint(path: str) -> str:
     return "\n".join(parts)
 
 
-def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str) -> str:
-    h = hashlib.sha256(f"{model_fingerprint(ref_model)}\n{dtype}\n".encode())
+def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str, compute: torch.dtype) -> str:
+    h = hashlib.sha256(f"{model_fingerprint(ref_model)}\n{dtype}\n{compute}\n".encode())
     for p, c, r in pairs:
         h.update(json.dumps([p, c, r], separators=(",", ":")).encode())
     return h.hexdigest()
@@ -165,16 +165,18 @@ def reference_logps(pairs: list[tuple], s: Settings, pad_id: int, d) -> tuple[to
     """(ref_logp(chosen) [N], ref_logp(rejected) [N], seconds spent computing them).
 
     Read from output_dir's cache when its key matches (the tokenized pairs, the reference model's
-    files, the dtype), else computed in one no-grad pass with the reference model (--ref_model, or
+    files, the dtype and compute dtype), else computed in one no-grad pass with the reference model (--ref_model, or
     the starting policy) and written there. The model is loaded here and released before this
     returns, so it is never in memory beside the policy.
     """
     path, name = Path(s.output_dir) / REF_CACHE, s.ref_model or s.model
-    key = ref_cache_key(pairs, name, s.dtype)
+    compute = compute_dtype(s.compute_dtype, d.device.type)  # the policy's: equal log-probs at step 0
+    key = ref_cache_key(pairs, name, s.dtype, compute)
     if (cached := read_ref_cache(path, key)) is not None:
         return (*cached, 0.0)
     began = time.time()
-    reference = wrap_policy(load_model(name, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size)
+    reference = wrap_policy(load_model(name, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
+                            compute_dtype=compute)
     batch = 2 * s.batch_size // (d.world_size * s.grad_accum)
     logps = response_logps(reference, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], batch, pad_id, d)
     del reference
@@ -240,7 +242,7 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     ref = None if loss.reference_free else reference_logps(pairs, s, tokenizer.pad_token_id, d)
 
     policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
-                         s.activation_checkpointing)
+                         s.activation_checkpointing, compute_dtype(s.compute_dtype, d.device.type))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     run.resume(policy, optimizer)
     for step, batch in run.steps([len(p) + max(len(c), len(r)) for p, c, r in pairs]):

@@ -48,7 +48,7 @@ from brevity.dist import all_gather_objects, barrier, cleanup_distributed, setup
 from brevity.files import atomic_write_text, load_rows, read_jsonl, save_settings, write_jsonl
 from brevity.generation import GenerationSettings, check_generation_settings, generate_responses, response_seed, sampling_key
 from brevity.logprobs import SequenceLogps, response_logps
-from brevity.models import inference_dtype, load_model, load_tokenizer, release_memory
+from brevity.models import autocast_dtype, compute_dtype, inference_dtype, load_model, load_tokenizer, release_memory
 from brevity.scoring import load_function, load_scorer
 from brevity.tokens import encode_prompts, encode_responses, prompt_user_text, response_text
 
@@ -177,7 +177,9 @@ def model_pass(name: str, s: Settings, d, tokenizer, prompt_ids: list[list[int]]
     i)), and score `response_ids` (default: the responses just sampled) under it: (responses or None,
     log pi(response | prompt) per prompt). The model is released before this returns, so one model
     at a time is in memory."""
-    model = load_model(name, inference_dtype(s.dtype, d.device), s.trust_remote_code).to(d.device)
+    weights = inference_dtype(s.dtype, d.device, s.compute_dtype)
+    compute = compute_dtype(s.compute_dtype, d.device.type)
+    model = load_model(name, weights, s.trust_remote_code).to(d.device)
     responses = None
     if generate:
         seeds = [response_seed(s.seed, i, 0) for i in indices]
@@ -185,8 +187,8 @@ def model_pass(name: str, s: Settings, d, tokenizer, prompt_ids: list[list[int]]
                                        f"evaluate: {name}" if d.is_main else None)
     if response_ids is None:
         response_ids = [r["token_ids"] for r in responses]
-    logps = response_logps(SequenceLogps(model), list(zip(prompt_ids, response_ids)), s.batch_size,
-                           tokenizer.pad_token_id).tolist()
+    logps = response_logps(SequenceLogps(model, autocast_dtype=autocast_dtype(weights, compute)),
+                           list(zip(prompt_ids, response_ids)), s.batch_size, tokenizer.pad_token_id).tolist()
     del model
     release_memory()
     return responses, logps
@@ -209,8 +211,9 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
         sft = [{"text": sft_saved[i]["output"], "num_tokens": sft_saved[i]["num_tokens"],
                 "finish_reason": sft_saved[i]["finish_reason"]} for i in indices]
 
-    scorer = load_scorer(s.gold_fn, s.gold_model, d.device, inference_dtype(s.dtype, d.device), s.gold_batch_size,
-                         s.gold_max_length, s.gold_text_format, s.trust_remote_code, flag="gold")
+    scorer = load_scorer(s.gold_fn, s.gold_model, d.device, inference_dtype(s.dtype, d.device, s.compute_dtype),
+                         s.gold_batch_size, s.gold_max_length, s.gold_text_format, s.trust_remote_code, flag="gold",
+                         compute_dtype=compute_dtype(s.compute_dtype, d.device.type))
     prompts = [rows[i]["prompt"] for i in indices]
     chosen_texts = [response_text(rows[i]["chosen"]) for i in indices]
     gold = scorer(prompts * 3, [g["text"] for g in policy] + chosen_texts + [g["text"] for g in sft])

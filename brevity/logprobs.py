@@ -12,7 +12,8 @@ from brevity.tokens import collate
 
 
 def _chunk_token_logps(lm_head, hidden, targets):
-    # logit[target] - logsumexp(logits) == log_softmax(logits)[target], without a second [N, V] tensor
+    # logit[target] - logsumexp(logits) == log_softmax(logits)[target], without a second [N, V] tensor.
+    # float32 before the log-softmax: autocast leaves logsumexp of bfloat16 logits in bfloat16 on CPU.
     logits = lm_head(hidden).float()
     return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
@@ -54,7 +55,8 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, position_ids
 
 class SequenceLogps(torch.nn.Module):
     """A causal LM whose forward returns per-sequence response log-probs, float32 [B]
-    (`sequence_logps`).
+    (`sequence_logps`), under autocast to `autocast_dtype` when given (the matrix multiplies and
+    attention in that dtype, the log-softmax and the sums in float32).
 
     Why a module: `sequence_logps` calls the decoder and the LM head directly, never the LM's own
     forward, so under FSDP2 the LM's root parameters (embeddings, final norm, LM head) must belong

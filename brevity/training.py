@@ -20,7 +20,7 @@ from brevity.checkpoints import latest_checkpoint, load_checkpoint, save_checkpo
 from brevity.config import UserError, setting
 from brevity.dist import Dist, all_reduce_sum, cleanup_distributed, setup_distributed
 from brevity.files import atomic_write_text, rmtree, save_settings
-from brevity.models import clean_interrupted_save, final_model_exists
+from brevity.models import COMPUTE_DTYPE_HELP, clean_interrupted_save, final_model_exists
 
 
 @dataclasses.dataclass
@@ -53,7 +53,9 @@ class TrainSettings:
     save_every: int = setting(200, "write a resumable checkpoint every this many steps (only the last is kept); "
                                    "0: never")
     dtype: typing.Literal["float32", "bfloat16"] = setting(
-        "float32", "parameter dtype, also of the saved model; on GPU the compute runs in bfloat16 either way")
+        "float32", "dtype of the parameters, gradients and optimizer state, and of the saved model (float32: master "
+                   "weights, whatever --compute_dtype; bfloat16 parameters compute in bfloat16)")
+    compute_dtype: typing.Literal["auto", "float32", "bfloat16"] = setting("auto", COMPUTE_DTYPE_HELP)
     activation_checkpointing: bool = setting(True, "recompute each decoder layer in backward: less memory for "
                                                    "more time (on, as in TRL); false: faster")
     chunk_size: int = setting(1024, "response tokens per LM-head chunk; the log-prob peak is chunk_size x vocab floats")

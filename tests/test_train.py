@@ -28,7 +28,7 @@ from losses import LOSSES
 
 def dpo_settings(model_dir, data, out, loss="dpo", **overrides):
     base = dict(model=str(model_dir), data=str(data), output_dir=str(out), loss=loss, batch_size=8, max_steps=2,
-                lr=1e-3, warmup_steps=0, save_every=0)
+                lr=1e-3, warmup_steps=0, save_every=0, compute_dtype="float32")  # bfloat16: test_precision.py
     return dpo.Settings(**{**base, **overrides}), dpo.loss_settings(loss)()
 
 
@@ -225,7 +225,7 @@ def test_cached_reference_logps_equal_a_live_reference_and_step_0_dpo_loss_is_lo
     dpo.main(s, hyper)
     tokenizer = make_tokenizer()
     pairs, _ = dpo.encode_pairs([json.loads(x) for x in tiny_prefs_jsonl.read_text().splitlines()], tokenizer, s)
-    cached = dpo.read_ref_cache(out / dpo.REF_CACHE, dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype))
+    cached = dpo.read_ref_cache(out / dpo.REF_CACHE, dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype, torch.float32))
     assert cached is not None
 
     live = load_model(str(tiny_model_dir))
@@ -259,14 +259,14 @@ def test_ref_model_flag_uses_that_model_and_the_cache_key_follows_model_and_data
     s, hyper = dpo_settings(policy_dir, tiny_prefs_jsonl, tmp_path / "out", max_steps=1, ref_model=str(ref_dir))
     dpo.main(s, hyper)
     pairs, _ = dpo.encode_pairs([json.loads(x) for x in tiny_prefs_jsonl.read_text().splitlines()], tiny_tokenizer, s)
-    key = dpo.ref_cache_key(pairs, str(ref_dir), s.dtype)
+    key = dpo.ref_cache_key(pairs, str(ref_dir), s.dtype, torch.float32)
     chosen, _ = dpo.read_ref_cache(tmp_path / "out" / dpo.REF_CACHE, key)
     input_ids, _, response_mask = collate([(p, c) for p, c, _ in pairs[:4]], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         assert torch.allclose(manual_sequence_logps(load_model(str(ref_dir)), input_ids, response_mask), chosen[:4],
                               atol=1e-4, rtol=0)
-    assert key != dpo.ref_cache_key(pairs, str(policy_dir), s.dtype)
-    assert key != dpo.ref_cache_key(pairs[1:], str(ref_dir), s.dtype)
+    assert key != dpo.ref_cache_key(pairs, str(policy_dir), s.dtype, torch.float32)
+    assert key != dpo.ref_cache_key(pairs[1:], str(ref_dir), s.dtype, torch.float32)
     assert dpo.read_ref_cache(tmp_path / "out" / dpo.REF_CACHE, "another key") is None
 
 
