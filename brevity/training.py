@@ -153,6 +153,13 @@ def unmap_large_blocks_when_freed(threshold: int = 4 << 20) -> None:
         ctypes.CDLL(None).mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the raising
 
 
+def adamw(policy, s: TrainSettings) -> torch.optim.AdamW:
+    """AdamW over the policy's parameters (betas 0.9/0.999), fused: one pass per step over each
+    parameter, its gradient and its two moments, where the default runs one pass per elementwise
+    operation (about ten); the same update up to rounding, the same state in checkpoints."""
+    return torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay, fused=True)
+
+
 def set_lr(optimizer, lr: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
