@@ -35,10 +35,10 @@ from brevity.files import PROMPT, RESPONSE, load_rows, require_input, respect_um
 from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
 from brevity.logprobs import response_logps
 from brevity.generation import response_seed
-from brevity.models import (DTYPES, check_model_dir, check_same_vocabulary, load_model, load_tokenizer,
+from brevity.models import (DTYPES, check_model_dir, check_same_vocabulary, compute_dtype, load_model, load_tokenizer,
                             model_fingerprint, model_vocab_size, release_memory, safetensors_problem)
 from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length, padding_id, vocab_sha256
-from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
+from brevity.training import TrainSettings, adamw, all_reduce_sums, set_lr, start_training
 from losses import LOSSES, Objective, Term, loss_hyperparameters, objective_losses
 
 DEFAULT_MODEL, DEFAULT_DATA = "runs/sft", "data/embedded/prefs.jsonl"
@@ -216,11 +216,11 @@ def pair_tokens(pairs: list[tuple], batch: list[int]) -> int:
     return sum(2 * len(pairs[i][0]) + len(pairs[i][1]) + len(pairs[i][2]) for i in batch)
 
 
-def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str, per_token: bool = False) -> str:
-    """Changes with the tokenized pairs, the reference model's files, the dtype and what is cached (sums
-    per response, or the log-prob of every token), so a cache of another kind is a miss."""
+def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str, compute: torch.dtype, per_token: bool = False) -> str:
+    """Changes with the tokenized pairs, the reference model's files, the dtype, the compute dtype and
+    what is cached (sums per response, or the log-prob of every token), so a cache of another kind is a miss."""
     layout = "per-token" if per_token else "sums"
-    h = hashlib.sha256(f"{model_fingerprint(ref_model)}\n{dtype}\n{layout}\n".encode())
+    h = hashlib.sha256(f"{model_fingerprint(ref_model)}\n{dtype}\n{compute}\n{layout}\n".encode())
     for p, c, r in pairs:
         h.update(json.dumps([p, c, r], separators=(",", ":")).encode())
     return h.hexdigest()
@@ -259,11 +259,13 @@ def reference_logps(pairs: list[tuple], s: Settings, pad_id: int, d,
     is loaded here and released before this returns, so it is never in memory beside the policy.
     """
     path, name = Path(s.output_dir) / REF_CACHE, s.ref_model or s.model
-    key = ref_cache_key(pairs, name, s.dtype, per_token)
+    compute = compute_dtype(s.compute_dtype, d.device.type)  # the policy's: equal log-probs at step 0
+    key = ref_cache_key(pairs, name, s.dtype, compute, per_token)
     if (cached := read_ref_cache(path, key)) is not None:
         return (*cached, 0.0)
     began = time.time()
-    reference = wrap_policy(load_model(name, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size)
+    reference = wrap_policy(load_model(name, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
+                            compute_dtype=compute)
     batch = 2 * s.batch_size // (d.world_size * s.grad_accum)
     logps = response_logps(reference, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], batch, pad_id, d,
                            per_token)
@@ -382,11 +384,11 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
         reference = cached_reference(ref, pairs, per_token="reference_tokens" in needs)
 
     policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
-                         s.activation_checkpointing)
+                         s.activation_checkpointing, compute_dtype(s.compute_dtype, d.device.type))
     if s.sync_ref_model:
         reference = live = wrap_policy(load_model(s.ref_model or s.model, DTYPES[s.dtype], s.trust_remote_code), d,
-                                       s.chunk_size)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+                                       s.chunk_size, compute_dtype=compute_dtype(s.compute_dtype, d.device.type))
+    optimizer = adamw(policy, s)
     run.resume(policy, optimizer, live)
     for step, batch in run.steps([len(p) + max(len(c), len(r)) for p, c, r in pairs]):
         lr = set_lr(optimizer, run.lr(step))

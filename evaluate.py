@@ -57,8 +57,8 @@ from brevity.files import (PROMPT, RESPONSE, atomic_write_text, check_output_pat
                            save_settings, write_jsonl)
 from brevity.generation import GenerationSettings, check_generation_settings, generate_responses, response_seed, sampling_key
 from brevity.logprobs import SequenceLogps, response_logps
-from brevity.models import (check_model_dir, check_same_vocabulary, inference_dtype, load_model, load_tokenizer,
-                            release_memory)
+from brevity.models import (autocast_dtype, check_model_dir, check_same_vocabulary, compute_dtype, inference_dtype,
+                            load_model, load_tokenizer, release_memory)
 from brevity.scoring import load_function, load_scorer, score_batches
 from brevity.tokens import encode_prompts, encode_responses, padding_id, prompt_user_text, response_text
 from brevity.tracking import check_tracker, start_tracker
@@ -248,7 +248,9 @@ def model_pass(name: str, s: Settings, d, tokenizer, prompt_ids: list[list[int]]
     i)), and score `response_ids` (default: the responses just sampled) under it: (responses or None,
     log pi(response | prompt) per prompt). The model is released before this returns, so one model
     at a time is in memory."""
-    model = load_model(name, inference_dtype(s.dtype, d.device), s.trust_remote_code).to(d.device)
+    weights = inference_dtype(s.dtype, d.device, s.compute_dtype)
+    compute = compute_dtype(s.compute_dtype, d.device.type)
+    model = load_model(name, weights, s.trust_remote_code).to(d.device)
     responses = None
     if generate:
         seeds = [response_seed(s.seed, i, 0) for i in indices]
@@ -256,8 +258,8 @@ def model_pass(name: str, s: Settings, d, tokenizer, prompt_ids: list[list[int]]
                                        f"evaluate: {name}" if d.is_main else None)
     if response_ids is None:
         response_ids = [r["token_ids"] for r in responses]
-    logps = response_logps(SequenceLogps(model), list(zip(prompt_ids, response_ids)), s.batch_size,
-                           padding_id(tokenizer)).tolist()
+    logps = response_logps(SequenceLogps(model, autocast_dtype=autocast_dtype(weights, compute)),
+                           list(zip(prompt_ids, response_ids)), s.batch_size, padding_id(tokenizer)).tolist()
     del model
     release_memory()
     return responses, logps
@@ -284,8 +286,9 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
         sft = [{"text": sft_saved[i]["output"], "num_tokens": sft_saved[i]["num_tokens"],
                 "finish_reason": sft_saved[i]["finish_reason"]} for i in indices]
 
-    scorer = load_scorer(s.gold_fn, s.gold_model, d.device, inference_dtype(s.dtype, d.device), s.gold_batch_size,
-                         s.gold_max_length, s.gold_text_format, s.trust_remote_code, flag="gold")
+    scorer = load_scorer(s.gold_fn, s.gold_model, d.device, inference_dtype(s.dtype, d.device, s.compute_dtype),
+                         s.gold_batch_size, s.gold_max_length, s.gold_text_format, s.trust_remote_code, flag="gold",
+                         compute_dtype=compute_dtype(s.compute_dtype, d.device.type))
     chosen_texts = [response_text(rows[i]["chosen"]) for i in indices]
     gold = score_batches(scorer, prompts * 3, [g["text"] for g in policy] + chosen_texts + [g["text"] for g in sft],
                          s.gold_batch_size)

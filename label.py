@@ -54,7 +54,7 @@ from pathlib import Path
 from brevity.config import UserError, run_main, setting
 from brevity.dist import all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from brevity.files import PROMPT, atomic_write_text, check_output_path, read_jsonl, save_settings, write_jsonl
-from brevity.models import inference_dtype, model_fingerprint
+from brevity.models import COMPUTE_DTYPE_HELP, compute_dtype, inference_dtype, model_fingerprint
 from brevity.scoring import load_scorer, score_batches
 
 
@@ -79,7 +79,8 @@ class Settings:
                                    "{response}, \\n a newline; used instead of its chat template; empty: its chat "
                                    "template, else its pair encoding (prompt, response)")
     dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto", "reward model dtype; auto: bfloat16 on GPU, float32 on CPU")
+        "auto", "reward model dtype; auto: the compute dtype (float32 weights compute in --compute_dtype by autocast)")
+    compute_dtype: typing.Literal["auto", "float32", "bfloat16"] = setting("auto", COMPUTE_DTYPE_HELP)
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
 
 
@@ -297,8 +298,9 @@ def main(s: Settings) -> dict | None:
     rows = read_jsonl(s.samples, required={"prompt": PROMPT, "responses": list})
     check_rows(rows, s.samples)
     d = setup_distributed()
-    scorer = load_scorer(s.reward_fn, s.reward_model, d.device, inference_dtype(s.dtype, d.device), s.batch_size,
-                         s.max_length, s.text_format, s.trust_remote_code, flag="reward")
+    scorer = load_scorer(s.reward_fn, s.reward_model, d.device, inference_dtype(s.dtype, d.device, s.compute_dtype),
+                         s.batch_size, s.max_length, s.text_format, s.trust_remote_code, flag="reward",
+                         compute_dtype=compute_dtype(s.compute_dtype, d.device.type))
     folder = kept_scores_dir(out, s)
     kept = read_kept_scores(folder)
     if kept and d.is_main:

@@ -115,7 +115,7 @@ def sample_hf(s: Settings, d, prompts: list, indices: list[int], on_part) -> Non
     """Sample this process's prompts (`indices`) with transformers, calling on_part({index: responses})
     every save_every prompts. Prompts are taken longest first, so a part holds similar lengths."""
     tokenizer = load_tokenizer(s.model, s.trust_remote_code)
-    model = load_model(s.model, inference_dtype(s.dtype, d.device), s.trust_remote_code).to(d.device)
+    model = load_model(s.model, inference_dtype(s.dtype, d.device, s.compute_dtype), s.trust_remote_code).to(d.device)
     ids = dict(zip(indices, encode_prompts(tokenizer, [prompts[i] for i in indices])))
     if s.max_prompt_length:
         ids = {i: x[-s.max_prompt_length:] for i, x in ids.items()}

@@ -20,9 +20,9 @@ from brevity.config import UserError, run_main, setting
 from brevity.files import (PROMPT, RESPONSE, chat_problem, check_fields, field_problem, load_rows, require_input,
                            rows_fingerprint)
 from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
-from brevity.models import DTYPES, check_model_dir, load_model, load_tokenizer
+from brevity.models import DTYPES, check_model_dir, compute_dtype, load_model, load_tokenizer
 from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length, padding_id
-from brevity.training import TrainSettings, all_reduce_sums, set_lr, start_training
+from brevity.training import TrainSettings, adamw, all_reduce_sums, set_lr, start_training
 from losses import sft_loss
 
 DEFAULT_MODEL, DEFAULT_DATA = "data/embedded/init_model", "data/embedded/sft.jsonl"
@@ -119,8 +119,8 @@ def main(s: Settings) -> torch.nn.Module | None:
     run.plan(len(examples), stats, describe(stats, s), s, data_hash=rows_fingerprint(rows))
 
     policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
-                         s.activation_checkpointing)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+                         s.activation_checkpointing, compute_dtype(s.compute_dtype, d.device.type))
+    optimizer = adamw(policy, s)
     run.resume(policy, optimizer)
     for step, batch in run.steps([len(p) + len(r) for p, r in examples]):
         lr = set_lr(optimizer, run.lr(step))

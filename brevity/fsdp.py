@@ -9,6 +9,7 @@ import torch
 from brevity.config import UserError
 from brevity.dist import Dist
 from brevity.logprobs import SequenceLogps
+from brevity.models import autocast_dtype
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -31,10 +32,14 @@ def _checkpointed(forward):
     return run
 
 
-def wrap_policy(model, d: Dist, chunk_size: int = 1024, activation_checkpointing: bool = False) -> SequenceLogps:
-    """`model` on d.device, wrapped for training. Under torchrun, FSDP2: `fully_shard` on every
-    decoder layer, then on the wrapper as the root (embeddings, final norm, LM head), with bf16
-    compute and fp32 gradient reduction on GPU. One process: the bare model (bf16 autocast on GPU).
+def wrap_policy(model, d: Dist, chunk_size: int = 1024, activation_checkpointing: bool = False,
+                compute_dtype: torch.dtype | None = None) -> SequenceLogps:
+    """`model` on d.device, wrapped for training, its matrix multiplies in `compute_dtype` (None: the
+    parameters' dtype). Mixed precision keeps the parameters, gradients and optimizer state in their
+    own dtype (float32: the master weights) and only computes in bfloat16: one process, or several
+    on CPU, by autocast in `SequenceLogps`; several on GPU, by FSDP2's MixedPrecisionPolicy (bf16
+    parameters gathered, fp32 gradient reduction). Under torchrun, `fully_shard` on every decoder
+    layer, then on the wrapper as the root (embeddings, final norm, LM head).
 
     The model stays in eval mode: dropout is off while training, so the policy's log-probs are the
     same function the reference log-probs were computed with.
@@ -43,15 +48,15 @@ def wrap_policy(model, d: Dist, chunk_size: int = 1024, activation_checkpointing
     if activation_checkpointing:  # the forward is wrapped in place: parameter names stay as they are
         for layer in decoder_layers(model):
             layer.forward = _checkpointed(layer.forward)
-    cuda = d.device.type == "cuda"
+    weights = next(model.parameters()).dtype
+    lower = autocast_dtype(weights, compute_dtype or weights)
+    fsdp_casts = d.world_size > 1 and d.device.type == "cuda" and lower is not None
+    policy = SequenceLogps(model, chunk_size, None if fsdp_casts else lower)
     if d.world_size == 1:
-        fp32 = next(model.parameters()).dtype == torch.float32
-        return SequenceLogps(model, chunk_size, torch.bfloat16 if cuda and fp32 else None)
+        return policy
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else \
-        MixedPrecisionPolicy()
-    policy = SequenceLogps(model, chunk_size)
+    mp = MixedPrecisionPolicy(param_dtype=lower, reduce_dtype=torch.float32) if fsdp_casts else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(policy, mp_policy=mp)

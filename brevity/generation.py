@@ -12,6 +12,7 @@ import typing
 import torch
 
 from brevity.config import UserError, setting
+from brevity.models import COMPUTE_DTYPE_HELP, autocast, compute_dtype
 from brevity.tokens import end_of_turn_ids, padding_id
 
 
@@ -23,7 +24,8 @@ class GenerationSettings:
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     seed: int = setting(0, "response j to prompt i is sampled with noise seeded by (seed, i, j)")
     dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto", "model dtype; auto: bfloat16 on GPU, float32 on CPU")
+        "auto", "model dtype; auto: the compute dtype (float32 weights compute in --compute_dtype by autocast)")
+    compute_dtype: typing.Literal["auto", "float32", "bfloat16"] = setting("auto", COMPUTE_DTYPE_HELP)
     batch_size: int = setting(32, "sequences decoded together on each process")
 
 
@@ -215,10 +217,12 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: lis
     batches of `g.batch_size`, so a batch holds similar lengths; `decode` runs each batch, dropping
     rows as they finish. temperature 0 is greedy; otherwise row i samples from stream `seeds[i]`
     (`SeededSampler`). The model's own generation config (its temperature, penalties) is not used.
+    Float32 weights compute in `g.compute_dtype` by autocast (`brevity.models.autocast`).
     """
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
+    device, weights = next(model.parameters()).device, next(model.parameters()).dtype
+    compute = compute_dtype(g.compute_dtype, device.type)
     stops = stop_token_ids(model, tokenizer)
     pad_id = padding_id(tokenizer)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
@@ -233,7 +237,8 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], seeds: lis
             ids[row, width - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
             mask[row, width - len(prompt_ids[i]):] = 1
         sampler = SeededSampler(torch.tensor([seeds[i] for i in batch]), g.temperature, g.top_p)
-        generated = decode(model, ids.to(device), mask.to(device), sampler, g.max_new_tokens, stops)
+        with autocast(device, weights, compute):
+            generated = decode(model, ids.to(device), mask.to(device), sampler, g.max_new_tokens, stops)
         for row, i in enumerate(batch):
             tokens = generated[row]
             ended = tokens[-1] in stops

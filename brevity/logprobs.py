@@ -14,6 +14,7 @@ from brevity.tokens import collate
 
 def _chunk_token_logps(lm_head, hidden, targets, sum_sq: bool = False):
     # logit[target] - logsumexp(logits) == log_softmax(logits)[target], without a second [N, V] tensor
+    # float32 before the log-softmax: autocast leaves logsumexp of bfloat16 logits in bfloat16 on CPU.
     logits = lm_head(hidden).float()
     log_z = logits.logsumexp(-1)
     logps = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_z
@@ -91,7 +92,9 @@ def token_logps(model, input_ids, attention_mask, response_mask, position_ids=No
 
 class SequenceLogps(torch.nn.Module):
     """A causal LM whose forward returns per-sequence response log-probs, float32 [B]
-    (`sequence_logps`), or with `per_token` per-token ones [B, R] (`token_logps`, and its `sum_sq`).
+    (`sequence_logps`), or with `per_token` per-token ones [B, R] (`token_logps`, and its `sum_sq`),
+    under autocast to `autocast_dtype` when given (the matrix multiplies and attention in that dtype,
+    the log-softmax and the sums in float32).
 
     Why a module: `sequence_logps` calls the decoder and the LM head directly, never the LM's own
     forward, so under FSDP2 the LM's root parameters (embeddings, final norm, LM head) must belong

@@ -3,6 +3,8 @@ safetensors; remote code only when asked for; a model directory is written atomi
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -16,12 +18,45 @@ from brevity.files import respect_umask, rmtree
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPE_HELP = ("dtype of the matrix multiplies; auto: bfloat16 on GPU and on CPUs with bfloat16 instructions "
+                      "(AVX512-BF16, AMX), else float32. Log-softmax, log-probs and losses are float32 either way")
 
 
-def inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto": bfloat16 on GPU, float32 on CPU; else the named dtype."""
+@functools.cache
+def cpu_bfloat16_support() -> str:
+    """Why this CPU computes bfloat16 natively ("avx512_bf16", "amx_bf16"), or "" when it does not
+    (there, bfloat16 matrix multiplies are emulated and slower than float32 ones)."""
+    cpu = getattr(torch, "cpu", None)
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx_bf16"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    try:  # torch without those probes: the kernel's flags
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return ""
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), "")
+
+
+@functools.cache
+def compute_dtype(name: str, device_type: str) -> torch.dtype:
+    """The dtype matrix multiplies run in on `device_type` ("cpu", "cuda"). "auto": bfloat16 on GPU
+    and on CPUs with bfloat16 instructions, else float32 (saying why, once per process)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device_type == "cuda" or cpu_bfloat16_support():
+        return torch.bfloat16
+    if os.environ.get("RANK", "0") == "0":
+        print("compute in float32: this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), so bfloat16 "
+              "would be slower here; --compute_dtype bfloat16 forces it")
+    return torch.float32
+
+
+def inference_dtype(name: str, device: torch.device, compute: str = "auto") -> torch.dtype:
+    """The dtype a model is loaded in to sample or score: "auto" is the compute dtype (`compute_dtype`),
+    so the weights are already what the matrix multiplies take; else the named dtype."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return compute_dtype(compute, device.type)
     return {"float16": torch.float16, **DTYPES}[name]
 
 
@@ -43,6 +78,21 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
     if 8 + header_length + end != size:
         return f"{path.name}: {size} bytes, but its header needs {8 + header_length + end} (cut short or damaged)"
     return None
+
+
+def autocast_dtype(weights: torch.dtype, compute: torch.dtype) -> torch.dtype | None:
+    """What autocast should compute in: `compute` for float32 weights that compute in a lower
+    precision (mixed precision: the float32 weights are the master copy), else None (the weights'
+    own dtype is the compute dtype; lower-precision weights compute in theirs)."""
+    return compute if weights == torch.float32 and compute != torch.float32 else None
+
+
+def autocast(device: torch.device, weights: torch.dtype, compute: torch.dtype):
+    """torch.autocast to `autocast_dtype(weights, compute)`, or nothing. Autocast runs the matrix
+    multiplies and attention in that dtype and leaves the rest in float32 (norms, residual sums, and
+    softmaxes of float32 inputs: on CPU, a log-softmax of bfloat16 logits stays in bfloat16)."""
+    dtype = autocast_dtype(weights, compute)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def check_model_dir(path: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from brevity.config import UserError
-from brevity.models import load_model, load_tokenizer
+from brevity.models import autocast, load_model, load_tokenizer
 from brevity.tokens import pad_batch, prompt_messages, prompt_user_text
 
 
@@ -102,11 +102,13 @@ class RewardModel:
     that occurs in none of the batch's sequences, set as the model's pad id for the call:
     transformers reads the score at the last token that is not the pad id, so it is read at the
     last real token even where the real pad id is EOS and ends a sequence. A sequence longer
-    than `max_length` (0: no limit) loses tokens from the left.
+    than `max_length` (0: no limit) loses tokens from the left. Float32 weights (`dtype`) compute in
+    `compute_dtype` by autocast (None: in float32).
     """
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16,
-                 max_length: int = 0, text_format: str = "", trust_remote_code: bool = False):
+                 max_length: int = 0, text_format: str = "", trust_remote_code: bool = False,
+                 compute_dtype: torch.dtype | None = None):
         from transformers import AutoModelForSequenceClassification
 
         self.tokenizer = load_tokenizer(name, trust_remote_code)
@@ -114,6 +116,7 @@ class RewardModel:
         if self.model.config.num_labels != 1:
             raise UserError(f"{name}: reward model has num_labels={self.model.config.num_labels}, expected 1")
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.precision = (dtype, compute_dtype or dtype)
         self.text_format = text_format.replace("\\n", "\n")
 
     def encode(self, prompt, response: str) -> list[int]:
@@ -146,7 +149,8 @@ class RewardModel:
                 config.pad_token_id = own_pad if own_pad is not None and own_pad not in used else next(
                     t for t in range(vocab) if t not in used)
                 ids, mask, _ = pad_batch(batch, [[] for _ in batch], config.pad_token_id)
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                with autocast(self.device, *self.precision):
+                    logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
                 for i, value in zip(order[start:start + self.batch_size], logits[:, 0].float().tolist()):
                     scores[i] = value
         finally:
@@ -155,7 +159,8 @@ class RewardModel:
 
 
 def load_scorer(reward_fn: str, reward_model: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16,
-                max_length: int = 0, text_format: str = "", trust_remote_code: bool = False, flag: str = "reward"):
+                max_length: int = 0, text_format: str = "", trust_remote_code: bool = False, flag: str = "reward",
+                compute_dtype: torch.dtype | None = None):
     """`scorer(prompts, responses) -> list[float]` from exactly one of a function spec and a model.
 
     A function gets the user prompt text (`prompt_user_text`) and the response text; a reward model
@@ -163,7 +168,8 @@ def load_scorer(reward_fn: str, reward_model: str, device: torch.device, dtype: 
     if bool(reward_fn) == bool(reward_model):
         raise UserError(f"give exactly one of --{flag}_fn module:function and --{flag}_model DIR_OR_HUB_ID")
     if reward_model:
-        return RewardModel(reward_model, device, dtype, batch_size, max_length, text_format, trust_remote_code)
+        return RewardModel(reward_model, device, dtype, batch_size, max_length, text_format, trust_remote_code,
+                           compute_dtype)
     fn, name = load_function(reward_fn, f"--{flag}_fn"), f"--{flag}_fn {reward_fn}"
 
     def score(prompts: list, responses: list[str]) -> list[float]:

@@ -21,7 +21,7 @@ from brevity.checkpoints import (latest_checkpoint, load_checkpoint, lock_output
 from brevity.config import UserError, setting
 from brevity.dist import Dist, all_reduce_sum, cleanup_distributed, setup_distributed
 from brevity.files import atomic_write_text, check_output_path, read_json, rmtree, save_settings
-from brevity.models import clean_interrupted_save, final_model_exists
+from brevity.models import COMPUTE_DTYPE_HELP, clean_interrupted_save, final_model_exists
 from brevity.tracking import Tracker, check_tracker, start_tracker
 
 RUN_FILES = ("settings.json", "metrics.jsonl", "data_stats.json", "summary.json")  # carried into the final model
@@ -57,7 +57,9 @@ class TrainSettings:
     save_every: int = setting(200, "write a resumable checkpoint every this many steps (the last two whole ones "
                                    "are kept); 0: never")
     dtype: typing.Literal["float32", "bfloat16"] = setting(
-        "float32", "parameter dtype, also of the saved model; on GPU the compute runs in bfloat16 either way")
+        "float32", "dtype of the parameters, gradients and optimizer state, and of the saved model (float32: master "
+                   "weights, whatever --compute_dtype; bfloat16 parameters compute in bfloat16)")
+    compute_dtype: typing.Literal["auto", "float32", "bfloat16"] = setting("auto", COMPUTE_DTYPE_HELP)
     activation_checkpointing: bool = setting(True, "recompute each decoder layer in backward: less memory for "
                                                    "more time (on, as in TRL); false: faster")
     chunk_size: int = setting(1024, "response tokens per LM-head chunk; the log-prob peak is chunk_size x vocab floats")
@@ -163,6 +165,13 @@ def unmap_large_blocks_when_freed(threshold: int = 4 << 20) -> None:
         return
     with contextlib.suppress(OSError, AttributeError):  # musl has a mallopt that ignores it
         ctypes.CDLL(None).mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the raising
+
+
+def adamw(policy, s: TrainSettings) -> torch.optim.AdamW:
+    """AdamW over the policy's parameters (betas 0.9/0.999), fused: one pass per step over each
+    parameter, its gradient and its two moments, where the default runs one pass per elementwise
+    operation (about ten); the same update up to rounding, the same state in checkpoints."""
+    return torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay, fused=True)
 
 
 def set_lr(optimizer, lr: float) -> float:

@@ -17,7 +17,7 @@ import dpo
 from brevity.batches import global_batches
 from brevity.config import parse_settings, run_main
 from brevity.generation import response_seed
-from brevity.models import load_model
+from brevity.models import compute_dtype, load_model
 from losses import objective_losses
 
 TRAIN = ["--batch_size", "8", "--lr", "1e-3", "--warmup_steps", "0", "--lr_schedule", "constant", "--save_every", "0",
@@ -123,9 +123,10 @@ def test_the_per_token_reference_cache_holds_every_token_under_its_own_key(tiny_
     s, _ = parse_settings(dpo.settings_classes(["--loss", "dpo"]), ["--loss", "dpo"])
     tokenizer = make_tokenizer()
     pairs, _ = dpo.encode_pairs([json.loads(x) for x in tiny_prefs_jsonl.read_text().splitlines()], tokenizer, s)
-    path = out / dpo.REF_CACHE
-    assert dpo.read_ref_cache(path, dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype)) is None
-    chosen, rejected = dpo.read_ref_cache(path, dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype, per_token=True))
+    path, compute = out / dpo.REF_CACHE, compute_dtype(s.compute_dtype, "cpu")
+    assert dpo.read_ref_cache(path, dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype, compute)) is None
+    chosen, rejected = dpo.read_ref_cache(path, dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype, compute,
+                                                                           per_token=True))
     model = load_model(str(tiny_model_dir))
     want = torch.cat([manual_token_logps(model, p, c)[0] for p, c, _ in pairs])
     assert chosen.shape == want.shape and torch.allclose(chosen, want, atol=1e-4, rtol=0)

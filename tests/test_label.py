@@ -103,7 +103,7 @@ def test_text_format_reads_backslash_n_as_a_newline(rm_dir):
 
 
 def test_label_with_a_reward_model_directory_writes_its_scores(rm_dir, tmp_path):
-    stats = run_label(tmp_path, reward_model=str(rm_dir), batch_size=3)
+    stats = run_label(tmp_path, reward_model=str(rm_dir), batch_size=3, compute_dtype="float32")
     rm = scoring.RewardModel(str(rm_dir), torch.device("cpu"), torch.float32, batch_size=1)
     rows = files.read_jsonl(tmp_path / "scores.jsonl")
     expected = rm([s["prompt"] for s in SAMPLES for _ in s["responses"]],

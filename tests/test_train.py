@@ -21,14 +21,14 @@ from brevity.config import run_main
 from brevity.dist import Dist
 from brevity.fsdp import wrap_policy
 from brevity.logprobs import SequenceLogps
-from brevity.models import load_model
+from brevity.models import compute_dtype, load_model
 from brevity.tokens import collate, encode_prompts, encode_responses
 from losses import LOSSES, Objective, Term
 
 
 def dpo_settings(model_dir, data, out, loss="dpo", **overrides):
     base = dict(model=str(model_dir), data=str(data), output_dir=str(out), loss=loss, batch_size=8, max_steps=2,
-                lr=1e-3, warmup_steps=0, save_every=0)
+                lr=1e-3, warmup_steps=0, save_every=0, compute_dtype="float32")  # bfloat16: test_precision.py
     return dpo.Settings(**{**base, **overrides}), dpo.loss_settings(loss)()
 
 
@@ -226,7 +226,8 @@ def one_dpo_step(tiny_model_dir, tiny_prefs_jsonl, tiny_tokenizer, tmp_path_fact
     s, hyper = dpo_settings(tiny_model_dir, tiny_prefs_jsonl, out, max_steps=1)
     dpo.main(s, hyper)
     pairs, _ = dpo.encode_pairs([json.loads(x) for x in tiny_prefs_jsonl.read_text().splitlines()], tiny_tokenizer, s)
-    cached = dpo.read_ref_cache(out / dpo.REF_CACHE, dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype))
+    cached = dpo.read_ref_cache(out / dpo.REF_CACHE, dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype,
+                                                                        compute_dtype(s.compute_dtype, "cpu")))
     batch = list(range(0, 32, 3))
     tensors = collate([(pairs[i][0], pairs[i][1]) for i in batch] + [(pairs[i][0], pairs[i][2]) for i in batch],
                       tiny_tokenizer.pad_token_id)
@@ -266,7 +267,8 @@ def test_ref_model_flag_uses_that_model_for_the_reference_logps(tiny_tokenizer, 
     s, hyper = dpo_settings(policy_dir, tiny_prefs_jsonl, tmp_path / "out", max_steps=1, ref_model=str(ref_dir))
     dpo.main(s, hyper)
     pairs, _ = dpo.encode_pairs([json.loads(x) for x in tiny_prefs_jsonl.read_text().splitlines()], tiny_tokenizer, s)
-    chosen, _ = dpo.read_ref_cache(tmp_path / "out" / dpo.REF_CACHE, dpo.ref_cache_key(pairs, str(ref_dir), s.dtype))
+    chosen, _ = dpo.read_ref_cache(tmp_path / "out" / dpo.REF_CACHE, dpo.ref_cache_key(pairs, str(ref_dir), s.dtype,
+                                                                                        compute_dtype(s.compute_dtype, "cpu")))
     input_ids, _, response_mask = collate([(p, c) for p, c, _ in pairs[:4]], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         by_ref = manual_sequence_logps(load_model(str(ref_dir)), input_ids, response_mask)
@@ -277,9 +279,12 @@ def test_ref_model_flag_uses_that_model_for_the_reference_logps(tiny_tokenizer, 
 
 def test_the_reference_cache_is_read_only_under_its_key_of_model_and_data(one_dpo_step, tiny_model_dir):
     s, pairs, cache = one_dpo_step["settings"], one_dpo_step["pairs"], one_dpo_step["out"] / dpo.REF_CACHE
-    key = dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype)
-    assert key != dpo.ref_cache_key(pairs, str(tiny_model_dir) + "_other", s.dtype)
-    assert key != dpo.ref_cache_key(pairs[1:], str(tiny_model_dir), s.dtype)
+    compute = compute_dtype(s.compute_dtype, "cpu")
+    key = dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype, compute)
+    assert key != dpo.ref_cache_key(pairs, str(tiny_model_dir) + "_other", s.dtype, compute)
+    assert key != dpo.ref_cache_key(pairs[1:], str(tiny_model_dir), s.dtype, compute)
+    assert key != dpo.ref_cache_key(pairs, str(tiny_model_dir), s.dtype,
+                                    torch.bfloat16 if compute == torch.float32 else torch.float32)
     assert dpo.read_ref_cache(cache, key) is not None and dpo.read_ref_cache(cache, "another key") is None
 
 
