@@ -12,10 +12,11 @@ from brevity.tokens import collate
 
 
 def _chunk_token_logps(lm_head, hidden, targets):
-    # logit[target] - logsumexp(logits) == log_softmax(logits)[target], without a second [N, V] tensor.
-    # float32 before the log-softmax: autocast leaves logsumexp of bfloat16 logits in bfloat16 on CPU.
-    logits = lm_head(hidden).float()
-    return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    # float32 before the log-softmax: autocast leaves a log-softmax of bfloat16 logits in bfloat16 on
+    # CPU. log_softmax is one fused kernel each way; logit[target] - logsumexp(logits), the same value,
+    # makes [N, V] temporaries for its max subtraction and exp on CPU and is slower.
+    logps = lm_head(hidden).float().log_softmax(-1)
+    return logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def _chunked_logps(lm_head, hidden, targets, chunk_size: int, checkpoint_chunks: bool):
@@ -44,6 +45,11 @@ def sequence_logps(model, input_ids, attention_mask, response_mask, position_ids
     into [N, H] (N = response tokens in the batch) and go through the head `chunk_size` tokens at a
     time, so prompt and padding positions cost no LM-head work and the peak is chunk_size x V floats.
     """
+    if bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all()):
+        # Right padding: under the causal mask no real token sees a pad, so the plain causal mask
+        # gives the real positions the same values, and attention can skip the blocks above the
+        # diagonal instead of reading an explicit [B, T, T] mask everywhere.
+        attention_mask = None
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids, use_cache=False).last_hidden_state
     predicts_response = response_mask[:, 1:].bool()  # hidden state t predicts token t + 1
