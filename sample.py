@@ -22,8 +22,10 @@ tokenizer has the same one (label.py carries them into the pairs). vLLM rows car
 Determinism: response j to prompt i is sampled from its own noise stream, a hash of (seed, i, j)
 (brevity.generation.SeededSampler), so it does not depend on the batch it was in, on --batch_size, on the
 number of processes, or on an interruption and resume; the same run twice gives the same file. The
-one caveat is floating point: a different batch shape can change logits in the last bits, which
-can flip a token only where two choices tie to that precision (never seen on the tiny test models).
+one caveat is floating point: a different batch shape (a prompt's left padding, in attention) can
+change logits in the last bits, which can flip a token only where two choices tie to that
+precision; in bfloat16 (--compute_dtype) those bits are coarser, so such a tie is likelier, though
+still rare (BENCHMARKS.md has a count).
 
 Progress is saved every --save_every prompts per process in OUTPUT.parts/; a rerun after an
 interruption samples only the prompts not yet done (with any number of processes) and a rerun

@@ -1,20 +1,24 @@
 """dpo.py against TRL's DPOTrainer: one model, one set of pairs, the same batch, length, steps and loss.
 
-    python bench/dpo_vs_trl.py                                  # CPU: 16.8M-parameter Llama, ~8 min on 2 cores
-    python bench/dpo_vs_trl.py --size 0.5b --device cuda        # GPU: Qwen2.5-0.5B-shaped Llama, bf16
+    python bench/dpo_vs_trl.py                                  # CPU: 16.8M-parameter Llama, 6 runs, ~15 min on 2 cores
+    python bench/dpo_vs_trl.py --size 135m --steps 6 --warmup 2 # CPU: SmolLM2-135M-shaped Llama
+    python bench/dpo_vs_trl.py --size 0.5b --device cuda --runs ours,trl_bf16,trl_precompute_bf16   # GPU
     python bench/dpo_vs_trl.py --size 0.5b --device cuda --nproc 8   # dpo.py under torchrun (FSDP2)
 
 The harness builds a random-init Llama (from a LlamaConfig), a word-level tokenizer and synthetic
-preference pairs with long-tailed lengths, then trains three times, each in its own process:
-dpo.py (`--loss dpo`), TRL's DPOTrainer with its defaults (a live reference model), and TRL with
-`precompute_ref_log_probs=True`. Everything that can be matched is: seed, the pairs (one epoch of
-exactly `(warmup + steps) * batch_size`), batch 8, max length 256, sigmoid DPO with beta 0.1,
-AdamW at the same lr, constant schedule, grad-norm clip 1.0, activation checkpointing (on by
-default on both sides; --activation_checkpointing false turns it off on both), fp32 on CPU (bf16
-autocast on GPU), no eval, no saving, dataloader workers 0, and the same number of intra-op threads
+preference pairs with long-tailed lengths, then trains once per run, each in its own process:
+`ours` (dpo.py `--loss dpo` with its default `--compute_dtype auto`: bf16 on GPU and on CPUs with
+bf16 instructions), `ours_fp32` (dpo.py `--compute_dtype float32`), and TRL's DPOTrainer four
+ways: `trl` (its defaults: a live reference model, fp32), `trl_bf16` (`bf16=True`: autocast, as
+its Trainer does on CPU and GPU), `trl_precompute` and `trl_precompute_bf16`
+(`precompute_ref_log_probs=True`). Everything that can be matched is: seed, the pairs (one epoch
+of exactly `(warmup + steps) * batch_size`), batch 8, max length 256, sigmoid DPO with beta 0.1,
+AdamW at the same lr, constant schedule, grad-norm clip 1.0, fp32 master weights, activation
+checkpointing (on by default on both sides; --activation_checkpointing false turns it off on both),
+no eval, no saving, dataloader workers 0, and the same number of intra-op threads
 (`OMP_NUM_THREADS`, `torch.set_num_threads`). What differs is each side's own way: dpo.py computes
-the reference log-probs in one length-sorted pass and buckets its batches by length; TRL goes
-through the pairs in dataset order.
+the reference log-probs in one length-sorted pass, buckets its batches by length and runs the LM
+head on response tokens only; TRL goes through the pairs in dataset order.
 
 What is measured, the same way for every run:
   - pairs/s and tokens/s over the epoch: every pair over (reference log-probs + every training
@@ -23,14 +27,24 @@ What is measured, the same way for every run:
   - pairs/s and tokens/s over the timed steps alone (after `--warmup`), from per-step end times
     (dpo.py's metrics.jsonl; a Trainer callback for TRL). The pairs in them differ between runs
     (bucketing), so compare tokens/s there.
+  - MFU of the timed steps: the useful FLOPs over their time over the peak FLOP/s of the precision
+    the run computes in. Useful FLOPs per training step: 6 x (decoder-layer and final-norm
+    parameters x tokens + LM-head parameters x response tokens), the head only where a log-prob is
+    used; the input embedding (a lookup) and attention's T^2 terms are not counted, nor is
+    recomputation (activation checkpointing) or the LM head over prompt and padding positions; a
+    live reference forward adds 2 x the same. On CPU the peak is measured here, in this process
+    with the runs' thread count, as the best of timed fp32 and bf16 matrix multiplies (2048^3 and
+    the model's MLP shapes), before each run and after the last; MFU is against the best of them
+    all, and also against the better of the two measured just around the run (a shared VM's speed
+    drifts by tens of percent within minutes); on GPU it is --peak_tflops per device.
   - peak resident memory of the whole process tree, polled by this process with psutil every
     50 ms (and the kernel's ru_maxrss from wait4 as a cross-check); on GPU also the peak CUDA
-    memory in use by the tree, polled with nvidia-smi, and MFU = 6 * params * tokens/s of the
-    timed steps / (peak_tflops per device x devices); the reference forward is not counted, so MFU
-    is a lower bound, most of all for the live-reference run.
+    memory in use by the tree, polled with nvidia-smi.
+  - the loss: mean over the epoch's steps and at the last step (the pairs are the same, their
+    order differs).
 
-The last line is `speedup=X.XX memory_ratio=Y.YY`: our epoch pairs/s over the faster TRL run's, and
-our peak memory (RSS on CPU, CUDA on GPU) over that same run's.
+The last line is `speedup=X.XX memory_ratio=Y.YY mfu=Z.ZZ`: our (`ours`) epoch pairs/s over the
+fastest TRL run's, our peak memory (RSS on CPU, CUDA on GPU) over that same run's, and our MFU.
 """
 from __future__ import annotations
 
@@ -54,11 +68,15 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 MARKER = ".bench_work_dir"  # the work dir is deleted on every run only if it holds this file
 
 # Model shapes. tiny: 16.8M parameters, vocab 8000 (small enough for a 2-core CPU).
+# 135m: SmolLM2-135M's shapes (hidden 576, 30 layers, 9 heads / 3 KV heads, vocab 49152, tied embeddings).
 # 0.5b: Qwen2.5-0.5B's shapes (hidden 896, 24 layers, 14 heads / 2 KV heads, tied embeddings,
 # q/k/v bias) as a Llama config; Llama also puts a bias on o_proj, 0.9M parameters more.
 SIZES = {
     "tiny": dict(vocab_size=8000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
                  num_attention_heads=6, num_key_value_heads=6, tie_word_embeddings=False),
+    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0,
+                 rms_norm_eps=1e-5),
     "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
                  attention_bias=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
@@ -67,23 +85,25 @@ SIZES = {
 
 @dataclasses.dataclass
 class BenchSettings:
-    size: Literal["tiny", "0.5b"] = "tiny"  # model shape, see SIZES
+    size: Literal["tiny", "135m", "0.5b"] = "tiny"  # model shape, see SIZES
     device: Literal["cpu", "cuda"] = "cpu"
-    steps: int = 30  # timed optimizer steps, after the warm-up ones
+    steps: int = 20  # timed optimizer steps, after the warm-up ones
     warmup: int = 5  # untimed steps at the start of each run
     batch_size: int = 8  # global pairs per optimizer step
     max_length: int = 256  # prompt + response tokens; the data never exceeds it
+    length_scale: float = 1.0  # multiplies the median prompt (32) and response (48) lengths, e.g. 8 at max_length 1024
     lr: float = 5e-7
     beta: float = 0.1
     seed: int = 0
     activation_checkpointing: bool = True  # both sides: dpo.py's default and TRL's (DPOConfig.gradient_checkpointing)
     threads: int = 2  # intra-op CPU threads for every run (OMP_NUM_THREADS and torch.set_num_threads)
     nproc: int = 1  # GPU only: dpo.py processes under torchrun (FSDP2); TRL runs on one device
-    peak_tflops: float = 989.0  # per-device dense peak for MFU; H100 SXM bf16
-    runs: str = "ours,trl,trl_precompute"  # which runs, comma-separated
+    peak_tflops: float = 989.0  # GPU: per-device dense peak for MFU (H100 SXM bf16); on CPU the bench measures it
+    runs: str = "ours,ours_fp32,trl,trl_bf16,trl_precompute,trl_precompute_bf16"  # which runs, comma-separated
     work_dir: str = "runs/bench_dpo"  # model, data and run outputs (rebuilt on every call)
     runner: str = ""  # internal: "trl" runs one TRL training in this process
     precompute: bool = False  # internal: TRL's precompute_ref_log_probs
+    bf16: bool = False  # internal: TRL's bf16 (autocast)
 
 
 # Model, tokenizer and data
@@ -105,9 +125,10 @@ def lognormal_lengths(rng, n: int, median: float, sigma: float, low: int, high: 
     return [int(min(high, max(low, round(x)))) for x in rng.lognormal(math.log(median), sigma, n)]
 
 
-def make_pairs(n: int, vocab_size: int, max_length: int, seed: int) -> list[dict]:
+def make_pairs(n: int, vocab_size: int, max_length: int, seed: int, length_scale: float = 1.0) -> list[dict]:
     """Preference pairs with long-tailed lengths like real ones: lognormal prompt (median 32 words)
-    and response (median 48) lengths, capped so prompt + response + EOS <= max_length.
+    and response (median 48) lengths, both times `length_scale`, capped so prompt + response + EOS
+    <= max_length.
 
     The responses begin with a space so that TRL's `prompt + chosen` tokenizes to the prompt's
     tokens followed by the response's, exactly what dpo.py encodes separately.
@@ -115,11 +136,11 @@ def make_pairs(n: int, vocab_size: int, max_length: int, seed: int) -> list[dict
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    prompt_lens = lognormal_lengths(rng, n, 32, 0.9, 4, max_length // 2)
+    prompt_lens = lognormal_lengths(rng, n, 32 * length_scale, 0.9, 4, max_length // 2)
     rows = []
     for plen in prompt_lens:
         budget = max_length - plen - 1
-        chosen_len, rejected_len = lognormal_lengths(rng, 2, 48, 0.8, 1, budget)
+        chosen_len, rejected_len = lognormal_lengths(rng, 2, 48 * length_scale, 0.8, 1, budget)
 
         def words(k):
             return " ".join(f"w{i}" for i in rng.integers(len(SPECIALS), vocab_size, k))
@@ -148,17 +169,19 @@ def prepare(s: BenchSettings, work: Path) -> dict:
     torch.manual_seed(s.seed)
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
+    body = sum(p.numel() for m in (model.model.layers, model.model.norm) for p in m.parameters())
     model.save_pretrained(work / "model", safe_serialization=True)
     tokenizer.save_pretrained(work / "model")
     n_pairs = (s.warmup + s.steps) * s.batch_size
-    rows = make_pairs(n_pairs, shape["vocab_size"], s.max_length, s.seed)
+    rows = make_pairs(n_pairs, shape["vocab_size"], s.max_length, s.seed, s.length_scale)
     write_jsonl(work / "pairs.jsonl", rows)
     # The harness's word count must equal what the tokenizer produces, or tokens/s would be wrong.
     for row in rows[:16]:
         ids = tokenizer(row["prompt"] + row["chosen"] + "</s>", add_special_tokens=False)["input_ids"]
         assert len(ids) == len(row["prompt"].split()) + len(row["chosen"].split()) + 1
     tokens = [pair_tokens(r) for r in rows]
-    return {"params": n_params, "pairs": n_pairs, "tokens_per_pair": tokens,
+    return {"params": n_params, "body_params": body, "head_params": model.lm_head.weight.numel(),
+            "pairs": n_pairs, "tokens_per_pair": tokens,
             "seq_lens": [len(r["prompt"].split()) + len(r[k].split()) + 1
                          for r in rows for k in ("chosen", "rejected")]}
 
@@ -226,30 +249,37 @@ def child_env(s: BenchSettings) -> dict:
     return env
 
 
-def dpo_command(s: BenchSettings, work: Path, out: Path) -> list[str]:
+def dpo_command(s: BenchSettings, work: Path, out: Path, compute_dtype: str) -> list[str]:
     """dpo.py with the settings TRL gets below."""
     n_steps = s.warmup + s.steps
     args = ["dpo.py", "--model", str(work / "model"), "--data", str(work / "pairs.jsonl"),
             "--output_dir", str(out), "--loss", "dpo", "--beta", str(s.beta), "--lr", str(s.lr),
             "--batch_size", str(s.batch_size), "--max_length", str(s.max_length), "--max_steps", str(n_steps),
             "--seed", str(s.seed), "--lr_schedule", "constant", "--warmup_steps", "0", "--save_every", "0",
-            "--activation_checkpointing", str(s.activation_checkpointing).lower()]
+            "--activation_checkpointing", str(s.activation_checkpointing).lower(), "--compute_dtype", compute_dtype]
     if s.device == "cuda":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(s.nproc),
                 *args]
     return [sys.executable] + args
 
 
-def read_dpo_metrics(out: Path) -> dict:
-    """Per-step end times, tokens and the reference precompute time from dpo.py's metrics.jsonl."""
+def read_dpo_metrics(out: Path, batch_size: int) -> dict:
+    """Per-step end times, tokens, response tokens and losses, and the reference precompute time, from
+    dpo.py's metrics.jsonl (its lengths are means over the batch) and summary.json."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "step" in r and "loss" in r]
     summary = json.loads((out / "summary.json").read_text())
     return {"step_end": [r["time"] for r in steps], "step_tokens": [r.get("tokens") for r in steps],
+            "step_response_tokens": [round((r["length/chosen"] + r["length/rejected"]) * batch_size) for r in steps],
+            "step_loss": [r["loss"] for r in steps],
             "train_start": summary["train_start"], "precompute_s": summary["ref_logps_s"]}
 
 
 # The TRL run, in its own process
+
+def trl_run_name(precompute: bool, bf16: bool) -> str:
+    return "trl" + ("_precompute" if precompute else "") + ("_bf16" if bf16 else "")
+
 
 def run_trl(s: BenchSettings) -> None:
     import torch
@@ -261,8 +291,8 @@ def run_trl(s: BenchSettings) -> None:
 
     torch.set_num_threads(s.threads)
     work = Path(s.work_dir)
-    out = work / ("trl_precompute" if s.precompute else "trl")
-    record = {"step_end": [], "step_tokens": [], "precompute_s": 0.0}
+    out = work / trl_run_name(s.precompute, s.bf16)
+    record = {"step_end": [], "step_tokens": [], "step_response_tokens": [], "step_loss": [], "precompute_s": 0.0}
 
     class Timed(DPOTrainer):
         def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -273,7 +303,10 @@ def run_trl(s: BenchSettings) -> None:
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             record["step_tokens"].append(int(inputs["attention_mask"].sum()))
-            return super().training_step(model, inputs, num_items_in_batch)
+            record["step_response_tokens"].append(int(inputs["completion_mask"].sum()))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            record["step_loss"].append(float(loss))
+            return loss
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -295,7 +328,7 @@ def run_trl(s: BenchSettings) -> None:
         output_dir=str(out), per_device_train_batch_size=s.batch_size, max_length=s.max_length,
         max_steps=s.warmup + s.steps, learning_rate=s.lr, beta=s.beta, loss_type=["sigmoid"],
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        bf16=cuda, fp16=False, use_cpu=not cuda, gradient_checkpointing=s.activation_checkpointing,
+        bf16=s.bf16, fp16=False, use_cpu=not cuda, gradient_checkpointing=s.activation_checkpointing,
         precompute_ref_log_probs=s.precompute, train_sampling_strategy="sequential",
         eval_strategy="no", save_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True,
         dataloader_num_workers=0, seed=s.seed, data_seed=s.seed,
@@ -310,104 +343,183 @@ def run_trl(s: BenchSettings) -> None:
     (out / "bench_record.json").write_text(json.dumps(record))
 
 
-# Summary
+# Runs, peak FLOP/s, summary
 
-def summarize(name: str, rec: dict, info: dict, s: BenchSettings, mem: dict) -> dict:
+def run_spec(name: str) -> dict:
+    """What a run name means: dpo.py ("ours", with --compute_dtype auto; "ours_fp32", "ours_bf16") or
+    TRL ("trl", with "_precompute" for precomputed reference log-probs and "_bf16" for bf16=True)."""
+    if name in ("ours", "ours_fp32", "ours_bf16"):
+        return {"trl": False, "compute": {"ours": "auto", "ours_fp32": "float32", "ours_bf16": "bfloat16"}[name],
+                "live_reference": False}
+    for precompute in (False, True):
+        for bf16 in (False, True):
+            if name == trl_run_name(precompute, bf16):
+                return {"trl": True, "compute": "bfloat16" if bf16 else "float32", "precompute": precompute,
+                        "live_reference": not precompute}
+    raise SystemExit(f"unknown run {name!r}")
+
+
+def matmul_flops(dtype, device: str, shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
+    """The best FLOP/s of `repeats` timed products a @ b of each [m, k] x [k, n] in `shapes` (2mkn FLOPs),
+    after one untimed."""
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+        a @ b
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            a @ b
+            sync()
+            best = max(best, 2 * m * k * n / (time.perf_counter() - start))
+    return best
+
+
+def measure_peaks(s: BenchSettings) -> dict[str, float]:
+    """{"float32": FLOP/s, "bfloat16": FLOP/s}: square 2048 products and the model's MLP shapes, on
+    --threads threads."""
+    import torch
+
+    torch.set_num_threads(s.threads)
+    shape = SIZES[s.size]
+    shapes = [(2048, 2048, 2048), (2048, shape["hidden_size"], shape["intermediate_size"]),
+              (2048, shape["intermediate_size"], shape["hidden_size"])]
+    return {name: matmul_flops(dtype, s.device, shapes) for name, dtype in
+            (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+
+
+def useful_flops(info: dict, tokens: int, response_tokens: int, live_reference: bool) -> float:
+    """6 x (decoder-layer and final-norm parameters x tokens + LM-head parameters x response tokens):
+    forward and backward of the work a step needs; 8 x with a live reference forward in the step."""
+    return (8 if live_reference else 6) * (info["body_params"] * tokens + info["head_params"] * response_tokens)
+
+
+def summarize(name: str, rec: dict, info: dict, s: BenchSettings, mem: dict, peak_flops: float) -> dict:
     """Throughput over the epoch (reference log-probs + every step: the same work on every side) and
     over the timed steps alone (after the warm-up; the pairs in them differ between runs, since
-    dpo.py buckets by length and TRL goes in dataset order, so tokens/s is the like-for-like there)."""
+    dpo.py buckets by length and TRL goes in dataset order, so tokens/s is the like-for-like there);
+    MFU of the timed steps against `peak_flops` (`useful_flops`); the loss."""
     ends = rec["step_end"]
     n = s.warmup + s.steps
     if len(ends) != n:
         raise SystemExit(f"{name}: expected {n} step times, got {len(ends)}")
     timed_s = ends[-1] - (ends[s.warmup - 1] if s.warmup else rec["train_start"])
     epoch_s = ends[-1] - rec["train_start"] + rec["precompute_s"]
-    step_tokens = rec["step_tokens"][s.warmup:]
-    if any(t is None for t in step_tokens):
+    step_tokens, step_responses = rec["step_tokens"][s.warmup:], rec["step_response_tokens"][s.warmup:]
+    if any(t is None for t in step_tokens + step_responses):
         raise SystemExit(f"{name}: a step without its token count")
-    row = {
+    flops = useful_flops(info, sum(step_tokens), sum(step_responses), run_spec(name)["live_reference"])
+    return {
         "run": name,
         "pairs_s": n * s.batch_size / epoch_s,
         "tokens_s": sum(info["tokens_per_pair"]) / epoch_s,
         "step_pairs_s": s.steps * s.batch_size / timed_s,
         "step_tokens_s": sum(step_tokens) / timed_s,
+        "mfu": flops / timed_s / peak_flops,
         "precompute_s": rec["precompute_s"],
         "epoch_s": epoch_s,
+        "loss_mean": sum(rec["step_loss"]) / len(rec["step_loss"]),
+        "loss_last": rec["step_loss"][-1],
         **mem,
     }
-    if s.device == "cuda":  # per device; the live reference forward is not counted
-        devices = s.nproc if name == "ours" else 1
-        row["mfu"] = 6 * info["params"] * row["step_tokens_s"] / (s.peak_tflops * 1e12 * devices)
-    return row
 
 
 def markdown_table(rows: list[dict], best_trl: dict, cuda: bool) -> str:
     mem_key = "peak_cuda_gib" if cuda else "peak_rss_gib"
-    head = ["run", "pairs/s", "tokens/s", "ref log-probs s", "pairs/s, timed steps", "tokens/s, timed steps",
-            "peak RSS GiB", "ru_maxrss GiB"]
-    head += ["peak CUDA GiB", "MFU"] if cuda else []
-    head += ["pairs/s / best TRL", f"peak {'CUDA' if cuda else 'RSS'} / best TRL"]
+    head = ["run", "compute", "pairs/s", "tokens/s", "ref log-probs s", "pairs/s, timed steps",
+            "tokens/s, timed steps", "MFU, timed steps", "matmul peak around the run, GFLOP/s",
+            "MFU against it", "peak RSS GiB", "ru_maxrss GiB"]
+    head += ["peak CUDA GiB"] if cuda else []
+    head += ["loss, mean", "loss, last step", "pairs/s / best TRL", f"peak {'CUDA' if cuda else 'RSS'} / best TRL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["run"], f"{r['pairs_s']:.2f}", f"{r['tokens_s']:.0f}", f"{r['precompute_s']:.1f}",
-                 f"{r['step_pairs_s']:.2f}", f"{r['step_tokens_s']:.0f}", f"{r['peak_rss_gib']:.2f}",
-                 f"{r['ru_maxrss_gib']:.2f}"]
-        cells += [f"{r['peak_cuda_gib']:.2f}", f"{100 * r['mfu']:.1f}%"] if cuda else []
-        cells += [f"{r['pairs_s'] / best_trl['pairs_s']:.2f}", f"{r[mem_key] / best_trl[mem_key]:.2f}"]
+        cells = [r["run"], r["compute"], f"{r['pairs_s']:.2f}", f"{r['tokens_s']:.0f}", f"{r['precompute_s']:.1f}",
+                 f"{r['step_pairs_s']:.2f}", f"{r['step_tokens_s']:.0f}", f"{100 * r['mfu']:.1f}%",
+                 f"{r['peak_around_gflops']:.0f}", f"{100 * r['mfu_around']:.1f}%",
+                 f"{r['peak_rss_gib']:.2f}", f"{r['ru_maxrss_gib']:.2f}"]
+        cells += [f"{r['peak_cuda_gib']:.2f}"] if cuda else []
+        cells += [f"{r['loss_mean']:.5f}", f"{r['loss_last']:.5f}", f"{r['pairs_s'] / best_trl['pairs_s']:.2f}",
+                  f"{r[mem_key] / best_trl[mem_key]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def trl_command(s: BenchSettings, work: Path, spec: dict) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--runner", "trl", "--work_dir", str(work),
+           "--size", s.size, "--device", s.device, "--steps", str(s.steps), "--warmup", str(s.warmup),
+           "--batch_size", str(s.batch_size), "--max_length", str(s.max_length), "--lr", str(s.lr),
+           "--beta", str(s.beta), "--seed", str(s.seed), "--threads", str(s.threads),
+           "--activation_checkpointing", str(s.activation_checkpointing).lower()]
+    return cmd + ["--precompute"] * spec["precompute"] + ["--bf16"] * (spec["compute"] == "bfloat16")
 
 
 def main(s: BenchSettings) -> None:
     if s.runner == "trl":
         return run_trl(s)
+    from brevity.models import compute_dtype
+
     work = Path(s.work_dir)
     if not work.is_absolute():
         work = ROOT / work
         s = dataclasses.replace(s, work_dir=str(work))
     if work.exists() and any(work.iterdir()) and not (work / MARKER).exists():
         raise SystemExit(f"--work_dir {work}: not empty and not made by this script; choose another")
+    specs = {name: run_spec(name) for name in s.runs.split(",")}
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / MARKER).write_text("made by bench/dpo_vs_trl.py; removed and rebuilt on every run\n")
     info = prepare(s, work)
     lens = sorted(info["seq_lens"])
-    print(f"model: {s.size} Llama, {info['params']:,} parameters; {info['pairs']} pairs, sequence length "
+    print(f"model: {s.size} Llama, {info['params']:,} parameters ({info['body_params']:,} in the decoder layers "
+          f"and final norm, {info['head_params']:,} in the LM head); {info['pairs']} pairs, sequence length "
           f"median {lens[len(lens) // 2]}, p90 {lens[int(0.9 * len(lens))]}, max {lens[-1]} (cap {s.max_length}); "
           f"{s.warmup} warm-up + {s.steps} timed steps of {s.batch_size} pairs; {s.threads} threads", flush=True)
-    env = child_env(s)
     cuda = s.device == "cuda"
-    rows = []
-    for name in s.runs.split(","):
+    env = child_env(s)
+    runs, peaks = [], [measure_peaks(s)]  # peaks[i], peaks[i + 1]: the machine just before and after run i
+    for name, spec in specs.items():
+        print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks[-1].items()), flush=True)
         out = work / name
-        if name == "ours":
-            cmd = dpo_command(s, work, out)
-        elif name in ("trl", "trl_precompute"):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--runner", "trl", "--work_dir", str(work),
-                   "--size", s.size, "--device", s.device, "--steps", str(s.steps), "--warmup", str(s.warmup),
-                   "--batch_size", str(s.batch_size), "--max_length", str(s.max_length), "--lr", str(s.lr),
-                   "--beta", str(s.beta), "--seed", str(s.seed), "--threads", str(s.threads),
-                   "--activation_checkpointing", str(s.activation_checkpointing).lower()]
-            cmd += ["--precompute"] if name == "trl_precompute" else []
-        else:
-            raise SystemExit(f"unknown run {name!r}")
+        cmd = trl_command(s, work, spec) if spec["trl"] else dpo_command(s, work, out, spec["compute"])
         out.mkdir(parents=True, exist_ok=True)
         print(f"running {name}: {' '.join(cmd)}", flush=True)
         mem = run_measured(cmd, env, out.parent / f"{name}.log", cuda)
-        rec = read_dpo_metrics(out) if name == "ours" else json.loads((out / "bench_record.json").read_text())
-        row = summarize(name, rec, info, s, mem)
-        print(json.dumps(row), flush=True)
+        rec = (json.loads((out / "bench_record.json").read_text()) if spec["trl"] else
+               read_dpo_metrics(out, s.batch_size))
+        runs.append((name, spec, rec, mem))
+        peaks.append(measure_peaks(s))
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks[-1].items()))
+    best = {k: max(p[k] for p in peaks) for k in peaks[0]}
+    rows = []
+    for i, (name, spec, rec, mem) in enumerate(runs):
+        dtype = str(compute_dtype(spec["compute"], s.device)).removeprefix("torch.")
+        devices = s.nproc if cuda and not spec["trl"] else 1
+        around = max(peaks[i][dtype], peaks[i + 1][dtype])
+        row = {**summarize(name, rec, info, s, mem, s.peak_tflops * 1e12 * devices if cuda else best[dtype]),
+               "compute": dtype, "peak_around_gflops": around / 1e9}
+        row["mfu_around"] = row["mfu"] * best[dtype] / around if not cuda else row["mfu"]
         rows.append(row)
-    trl_rows = [r for r in rows if r["run"] != "ours"]
+        print(json.dumps(row), flush=True)
+    trl_rows = [r for r in rows if specs[r["run"]]["trl"]]
     best_trl = max(trl_rows, key=lambda r: r["pairs_s"]) if trl_rows else rows[0]
     print()
+    print("MFU against " + (f"--peak_tflops {s.peak_tflops} per device" if cuda else
+                            ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in best.items()) +
+                            " (the best measured in this invocation); 'around the run': against the better of the "
+                            "peaks measured just before and just after it"))
     print(markdown_table(rows, best_trl, cuda))
     ours = next((r for r in rows if r["run"] == "ours"), None)
     if ours and trl_rows:
         mem_key = "peak_cuda_gib" if cuda else "peak_rss_gib"
-        print(f"\nfaster TRL run: {best_trl['run']}")
+        print(f"\nfastest TRL run: {best_trl['run']}")
         print(f"speedup={ours['pairs_s'] / best_trl['pairs_s']:.2f} "
-              f"memory_ratio={ours[mem_key] / best_trl[mem_key]:.2f}")
+              f"memory_ratio={ours[mem_key] / best_trl[mem_key]:.2f} mfu={ours['mfu']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """sample.py and label.py against the loops most scripts write: same model, same inputs, same batch size.
 
     python bench/sample_label.py                                   # CPU: 16.8M Llama, ~5 min on 2 cores
+    python bench/sample_label.py --size 135m --stages sample --prompts 32 --max_new_tokens 64   # SmolLM2-135M-shaped
     python bench/sample_label.py --size 0.5b --device cuda         # GPU: Qwen2.5-0.5B-shaped, bf16
 
 Sampling: generated tokens per second of sample.py (prompts sorted by length into left-padded
@@ -13,6 +14,8 @@ a plain loop over the same reward model (the chat template, then the tokenizer w
 dataset order). The reward model is a random-init LlamaForSequenceClassification with one label and
 its own tokenizer and chat template; the two sides' scores must agree, which the script checks.
 
+Both sides compute in the same dtype: `--dtype auto` is what the stages pick (bf16 on GPU and on
+CPUs with bf16 instructions, else float32), and the plain loops load the model in it too.
 Both sides run in this process, one after the other, each once untimed on a few inputs first; a
 time runs from loading the model to having every result (label.py also writes its pairs). Prompts
 and responses have long-tailed word counts (lognormal, like real ones); every word is one token.
@@ -54,8 +57,9 @@ RM_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}</s>"  
 
 @dataclasses.dataclass
 class BenchSettings:
-    size: Literal["tiny", "0.5b"] = "tiny"  # policy and reward model shape (dpo_vs_trl.SIZES)
+    size: Literal["tiny", "135m", "0.5b"] = "tiny"  # policy and reward model shape (dpo_vs_trl.SIZES)
     device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # both sides; auto: what sample.py and label.py pick
     prompts: int = 128  # sampling: prompts, each sampled n times
     n: int = 4  # responses per prompt
     max_new_tokens: int = 128
@@ -202,7 +206,7 @@ def our_sample(model_dir: Path, prompts_path: Path, out: Path, s: BenchSettings)
 
     sample.main(sample.Settings(model=str(model_dir), prompts=str(prompts_path), output=str(out), n=s.n,
                                 temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                                batch_size=s.sample_batch_size, seed=s.seed, save_every=0))
+                                batch_size=s.sample_batch_size, seed=s.seed, save_every=0, dtype=s.dtype))
     return sum(r["num_tokens"] for row in read_jsonl(out) for r in row["responses"])
 
 
@@ -210,7 +214,7 @@ def our_label(model_dir: Path, samples_path: Path, out: Path, s: BenchSettings) 
     import label
 
     label.main(label.Settings(samples=str(samples_path), output_dir=str(out), reward_model=str(model_dir),
-                              batch_size=s.label_batch_size))
+                              batch_size=s.label_batch_size, dtype=s.dtype))
     return [r["score"] for row in read_jsonl(out / "scores.jsonl") for r in row["responses"]]
 
 
@@ -247,6 +251,8 @@ def compare_sampling(s: BenchSettings, work: Path, device, dtype) -> dict:
 
 
 def compare_scoring(s: BenchSettings, work: Path, device, dtype) -> dict:
+    import torch
+
     small = head(work / "samples.jsonl", work / "samples_warmup.jsonl", 4)
     plain_score(work / "reward_model", small, s, device, dtype)
     our_label(work / "reward_model", small, work / "warmup_label", s)
@@ -258,9 +264,9 @@ def compare_scoring(s: BenchSettings, work: Path, device, dtype) -> dict:
         seconds, scores["ours"] = timed(our_label, work / "reward_model", work / "samples.jsonl",
                                         work / f"labelled_{rep}", s)
         best["ours"] = min(best["ours"], seconds)
-    # The same numbers from both sides, or the comparison is not of the same work (bf16 on GPU: looser).
+    # The same numbers from both sides, or the comparison is not of the same work (bf16: looser).
     worst = max(abs(a - b) for a, b in zip(scores["plain"], scores["ours"], strict=True))
-    if worst > (5e-2 if s.device == "cuda" else 1e-3):
+    if worst > (1e-3 if dtype == torch.float32 else 5e-2):
         raise SystemExit(f"label.py and the plain loop disagree: a score differs by {worst:.2e}")
     n = len(scores["ours"])
     return {k: {"seconds": best[k], "responses": n, "per_s": n / best[k]} for k in best}
@@ -277,7 +283,9 @@ def main(s: BenchSettings) -> None:
         raise SystemExit(f"--sft_steps {s.sft_steps}: need >= 0")
     torch.set_num_threads(s.threads)
     device = torch.device(s.device)
-    dtype = torch.bfloat16 if s.device == "cuda" else torch.float32  # what sample.py and label.py pick ("auto")
+    from brevity.models import inference_dtype
+
+    dtype = inference_dtype(s.dtype, device)  # what sample.py and label.py load the models in
     work = Path(s.work_dir)
     if not work.is_absolute():
         work = ROOT / work
@@ -288,8 +296,8 @@ def main(s: BenchSettings) -> None:
     (work / MARKER).write_text("made by bench/sample_label.py; removed and rebuilt on every run\n")
     info = prepare(s, work)
     pw, rw = info["prompt_words"], info["response_words"]
-    print(f"model: {s.size} Llama, {info['params']:,} parameters (the reward model has the same shape); "
-          f"{s.threads} threads; prompt words median {pw[len(pw) // 2]}, p90 {pw[int(0.9 * len(pw))]}, max {pw[-1]}; "
+    print(f"model: {s.size} Llama, {info['params']:,} parameters (the reward model has the same shape), "
+          f"{str(dtype).removeprefix('torch.')}; {s.threads} threads; prompt words median {pw[len(pw) // 2]}, p90 {pw[int(0.9 * len(pw))]}, max {pw[-1]}; "
           f"responses to score: words median {rw[len(rw) // 2]}, p90 {rw[int(0.9 * len(rw))]}, max {rw[-1]}",
           flush=True)
     lines = ["| stage | what | ours | plain loop | ours / plain |", "|---|---|---|---|---|"]

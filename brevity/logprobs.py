@@ -13,15 +13,15 @@ from brevity.tokens import collate
 
 
 def _chunk_token_logps(lm_head, hidden, targets, sum_sq: bool = False):
-    # logit[target] - logsumexp(logits) == log_softmax(logits)[target], without a second [N, V] tensor
-    # float32 before the log-softmax: autocast leaves logsumexp of bfloat16 logits in bfloat16 on CPU.
-    logits = lm_head(hidden).float()
-    log_z = logits.logsumexp(-1)
-    logps = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+    # float32 before the log-softmax: autocast leaves a log-softmax of bfloat16 logits in bfloat16 on
+    # CPU. log_softmax is one fused kernel each way; logit[target] - logsumexp(logits), the same value,
+    # makes [N, V] temporaries for its max subtraction and exp on CPU and is slower.
+    all_logps = lm_head(hidden).float().log_softmax(-1)
+    logps = all_logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not sum_sq:
         return logps
-    with torch.no_grad():  # log sum_v p_v^2 = logsumexp(2 * logits) - 2 * logsumexp(logits); WPO's, no gradient
-        return logps, (2 * logits).logsumexp(-1) - 2 * log_z
+    with torch.no_grad():  # log sum_v p_v^2 = logsumexp_v(2 log p_v); WPO's, no gradient
+        return logps, (2 * all_logps).logsumexp(-1)
 
 
 def _chunked_logps(lm_head, hidden, targets, chunk_size: int, checkpoint_chunks: bool, sum_sq: bool = False):
@@ -55,6 +55,11 @@ def _packed_response_logps(model, input_ids, attention_mask, response_mask, posi
     into [N, H] and go through the head `chunk_size` tokens at a time, so prompt and padding positions
     cost no LM-head work and the peak is chunk_size x V floats.
     """
+    if bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all()):
+        # Right padding: under the causal mask no real token sees a pad, so the plain causal mask
+        # gives the real positions the same values, and attention can skip the blocks above the
+        # diagonal instead of reading an explicit [B, T, T] mask everywhere.
+        attention_mask = None
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids, use_cache=False).last_hidden_state
     predicts_response = response_mask[:, 1:].bool()  # hidden state t predicts token t + 1

@@ -37,19 +37,46 @@ def test_pair_tokens_is_what_the_tokenizer_produces():
 def test_summarize_counts_the_reference_pass_in_the_epoch_not_in_the_timed_steps():
     """3 steps of 2 pairs ending at 11, 12, 14 s after a start at 10 s, 4 s of reference log-probs:
     epoch = 4 + (14 - 10) = 8 s for 6 pairs (0.75/s) and 6 x 10 tokens (7.5/s); timed steps (after
-    1 warm-up) = 14 - 11 = 3 s for 4 pairs (1.33/s) and 30 + 40 tokens (23.3/s). On CPU no MFU;
-    the memory figures pass through."""
+    1 warm-up) = 14 - 11 = 3 s for 4 pairs (1.33/s) and 30 + 40 tokens (23.3/s); the loss's mean
+    and last step; the memory figures pass through."""
     s = dpo_vs_trl.BenchSettings(steps=2, warmup=1, batch_size=2)
-    record = {"step_end": [11.0, 12.0, 14.0], "step_tokens": [20, 30, 40], "train_start": 10.0, "precompute_s": 4.0}
-    info = {"params": 1, "tokens_per_pair": [10] * 6}
-    row = dpo_vs_trl.summarize("ours", record, info, s, {"peak_rss_gib": 1.0})
-    assert row == {"run": "ours", "precompute_s": 4.0, "epoch_s": 8.0, "pairs_s": pytest.approx(0.75),
-                   "tokens_s": pytest.approx(7.5), "step_pairs_s": pytest.approx(4 / 3),
-                   "step_tokens_s": pytest.approx(70 / 3), "peak_rss_gib": 1.0}
+    record = {"step_end": [11.0, 12.0, 14.0], "step_tokens": [20, 30, 40], "step_response_tokens": [5, 6, 7],
+              "step_loss": [0.7, 0.6, 0.5], "train_start": 10.0, "precompute_s": 4.0}
+    info = {"body_params": 1, "head_params": 1, "tokens_per_pair": [10] * 6}
+    row = dpo_vs_trl.summarize("ours", record, info, s, {"peak_rss_gib": 1.0}, peak_flops=1.0)
+    assert abs(row["pairs_s"] - 6 / 8) < 1e-9
+    assert abs(row["tokens_s"] - 60 / 8) < 1e-9
+    assert abs(row["step_pairs_s"] - 4 / 3) < 1e-9
+    assert abs(row["step_tokens_s"] - 70 / 3) < 1e-9
+    assert abs(row["loss_mean"] - 0.6) < 1e-9 and row["loss_last"] == 0.5
+    assert row["peak_rss_gib"] == 1.0
 
 
 def test_summarize_refuses_a_record_with_a_step_time_missing():
     s = dpo_vs_trl.BenchSettings(steps=2, warmup=1, batch_size=2)
-    record = {"step_end": [11.0, 12.0], "step_tokens": [20, 30], "train_start": 10.0, "precompute_s": 4.0}
+    record = {"step_end": [11.0, 12.0], "step_tokens": [20, 30], "step_response_tokens": [5, 6],
+              "step_loss": [0.7, 0.6], "train_start": 10.0, "precompute_s": 4.0}
+    info = {"body_params": 1, "head_params": 1, "tokens_per_pair": [10] * 6}
     with pytest.raises(SystemExit, match="ours: expected 3 step times, got 2"):
-        dpo_vs_trl.summarize("ours", record, {"params": 1, "tokens_per_pair": [10] * 6}, s, {})
+        dpo_vs_trl.summarize("ours", record, info, s, {}, peak_flops=1.0)
+
+
+def test_mfu_counts_the_head_on_response_tokens_and_a_live_reference_forward():
+    """Timed steps: 70 tokens, 13 of them response tokens, in 3 s; 100 body and 10 head parameters:
+    6 x (100 x 70 + 10 x 13) = 42,780 FLOPs of training; a live reference forward adds 2 x the same
+    (57,040). Against a 10,000 FLOP/s peak: 1.426 and 1.901."""
+    s = dpo_vs_trl.BenchSettings(steps=2, warmup=1, batch_size=2)
+    record = {"step_end": [11.0, 12.0, 14.0], "step_tokens": [20, 30, 40], "step_response_tokens": [5, 6, 7],
+              "step_loss": [0.7, 0.6, 0.5], "train_start": 10.0, "precompute_s": 0.0}
+    info = {"body_params": 100, "head_params": 10, "tokens_per_pair": [10] * 6}
+    for name, flops in (("ours", 42_780), ("trl_precompute_bf16", 42_780), ("trl", 57_040), ("trl_bf16", 57_040)):
+        row = dpo_vs_trl.summarize(name, record, info, s, {}, peak_flops=10_000)
+        assert abs(row["mfu"] - flops / 3 / 10_000) < 1e-9, name
+
+
+def test_run_names_say_what_each_run_computes_in():
+    assert dpo_vs_trl.run_spec("ours")["compute"] == "auto"
+    assert dpo_vs_trl.run_spec("ours_fp32")["compute"] == "float32"
+    trl = dpo_vs_trl.run_spec("trl_precompute_bf16")
+    assert trl["trl"] and trl["precompute"] and trl["compute"] == "bfloat16" and not trl["live_reference"]
+    assert dpo_vs_trl.run_spec("trl")["live_reference"] and dpo_vs_trl.run_spec("trl")["compute"] == "float32"
