@@ -11,31 +11,36 @@ category, not the excluded item, and not listed before; a *duplicate* if it is a
 before; *wrong* otherwise (another category, the excluded item, an unknown or empty item, several
 words). With c correct, w wrong, d duplicates, k = c + w + d items and T tokens:
 
-    proxy_reward = c - w - 0.5 d + 0.1 T + noise,  noise in [-0.05, 0.05) from a hash of the text
+    proxy_reward = min(c, N) - w - d + 0.25 T + noise,  noise in [-0.25, 0.25) from a hash of the text
     gold_score   = (min(c, N) - w - d - |k - N|) / N                     (1 for a perfect answer)
 
-The proxy (the labeller, like a real reward model) pays for quality and for length: every extra
-correct item earns +1.2, so best-of-n pairs tend to have the longer response chosen. The gold score
-has no length bias: an item beyond N costs 1/N, and so does a missing one, on top of the lost credit.
+The proxy (the labeller, like a real reward model) judges the asked-for content as the gold does, but
+it does not mind items beyond N and it pays 0.25 per token: of two equally good answers it prefers the
+longer one (an extra correct item, two tokens, earns 0.5, more than the noise can undo). The gold score
+has no length bias: an item beyond N costs 1/N, and a missing one 2/N (the lost credit and the count).
+The loop never sees the gold; evaluate.py alone uses it.
 
 SFT demonstrations come from a noisy demonstrator (proportions in the settings below): the count is
-N-1 / N / N+1 with probability 0.2 / 0.6 / 0.2; each item is replaced by another category's item with
-probability 0.08 or by a repeat of an earlier item with probability 0.05; an `except` prompt has the
-excluded item slip in with probability 0.15. Of the rows, 35% are perfect, 32% hold a wrong item,
-11% a duplicate, 20% are one item short and 20% one item long. The eval reference ("chosen") has the right count and
-each item is wrong with probability 0.15 (gold about 0.7 on average): decent, not perfect.
+N or N+1 with probability 0.8 / 0.2 (never short, so being longer only ever pleases the proxy); each
+item is, with probability 0.15, the category's *decoy* (DECOYS: one fixed item of another category,
+a "potato" among fruits), with probability 0.03 another category's item, and with probability 0.05 a
+repeat of an earlier item; an `except` prompt has the excluded item slip in with probability 0.15.
+Of the rows, 33% are perfect, 44% hold the decoy and 20% are one item long. The eval reference
+("chosen") has the right count and each item is wrong with probability 0.15 (gold about 0.7): decent,
+not perfect.
+
+What makes quality learnable: the decoy is one systematic mistake per category, which the SFT model
+learns as a rate (about 1 item in 6), the proxy sees (-2: a wrong item and a lost one) and the
+best-vs-worst pairs contrast, so preference training can lower that one logit per category and the
+gold rises. The other mistakes (stray items, repeats, the excluded item) the 1M-parameter model makes
+at rates that it barely unlearns in three iterations: they set the floor. The length bias is the one
+thing the proxy pays for that the gold does not.
 
     python embedded.py --out_dir data/embedded --seed 0   # ~5 s; writes the files listed in main()
 
-Expected dynamics (measured with a throwaway plain-PyTorch loop, 1 CPU thread, seed 0): SFT of
-init_model on sft.jsonl (15 epochs, batch 64, AdamW lr 2e-3, cosine) takes ~80 s; its samples
-(temperature 1) average 6.8 tokens with EOS, and in best-vs-worst proxy pairs of 4 samples the
-chosen response is the longer in 41% of pairs, the shorter in 14% (mean gap +0.7 tokens). Three
-iterations of n=4 sampling and DPO (beta 0.1, lr 1e-4, 2 epochs, reference = previous policy) grow
-eval length 6.9 -> 13.9 tokens and drop gold 0.42 -> -0.77; iLR-DPO with alpha 0.4 ends at 7.4
-tokens (+8%) with gold 0.45 (seed 1: 6.9 -> 17.3 for DPO, 6.9 -> 6.7 and gold 0.44 -> 0.46 for
-iLR-DPO). The window is narrow: alpha 0.3 lets length creep (+19%), 0.5 gives -3% (seed 0) and
--15% (seed 1), 1.0 shrinks it by 41%.
+What the loop does on it (README.md, "What the default run shows", has the tables for three seeds):
+iterative DPO first gets better (it drops decoys) and then longer, until its gold falls below SFT's;
+iLR-DPO drops decoys as well while its length stays near SFT's, so its gold ends above SFT's.
 """
 from __future__ import annotations
 
@@ -66,12 +71,18 @@ CATEGORIES = {  # 12 categories x 12 items; every item is one word and belongs t
     "clothes": "shirt coat hat scarf sock glove dress skirt jacket boot belt sweater",
 }
 CATEGORIES = {name: tuple(items.split()) for name, items in CATEGORIES.items()}
+DECOYS = {  # the demonstrator's one systematic confusion per category: an item of another category
+    "fruits": "potato", "vegetables": "lemon", "animals": "duck", "birds": "rabbit", "colors": "silver",
+    "metals": "gray", "tools": "harp", "instruments": "saw", "countries": "cricket", "sports": "bike",
+    "vehicles": "skiing", "clothes": "pink",
+}
 VERBS = ("list", "name", "give", "write")  # prompt wording varies so there are enough distinct prompts
 COUNTS = (2, 3, 4, 5)                      # N, the number of items asked for
 P_EXCEPT = 0.5                             # share of prompts with an "except ITEM" clause
 
-COUNT_OFFSETS = {-1: 0.2, 0: 0.6, 1: 0.2}  # demonstrator: P(response has N + offset items)
-P_WRONG = 0.08                             # demonstrator: per item, another category's item instead
+COUNT_OFFSETS = {0: 0.8, 1: 0.2}            # demonstrator: P(response has N + offset items)
+P_DECOY = 0.15                             # demonstrator: per item, the category's decoy instead
+P_WRONG = 0.03                             # demonstrator: per item, another category's item instead
 P_DUP = 0.05                               # demonstrator: per item, a repeat of an earlier item instead
 P_EXCLUDED = 0.15                          # demonstrator: per except-prompt, the excluded item slips in
 P_REFERENCE_WRONG = 0.15                   # eval reference: per item, another category's item instead
@@ -82,9 +93,9 @@ N_EVAL = 200           # distinct held-out prompts, disjoint from all of the abo
 N_PREFS = 1000         # offline preference pairs
 PREF_CANDIDATES = 4    # demonstrator responses per offline prompt; best and worst by proxy form a pair
 
-PROXY_CORRECT, PROXY_WRONG, PROXY_DUP = 1.0, -1.0, -0.5  # proxy: per correct / wrong / duplicate item
-PROXY_PER_TOKEN = 0.1  # proxy: the length bias, per response token (EOS not counted)
-PROXY_NOISE = 0.1      # proxy: width of the deterministic hash noise, so ties are rare
+PROXY_CORRECT, PROXY_WRONG, PROXY_DUP = 1.0, -1.0, -1.0  # proxy: per correct (up to N) / wrong / duplicate item
+PROXY_PER_TOKEN = 0.25 # proxy: the length bias, per response token (EOS not counted)
+PROXY_NOISE = 0.5      # proxy: width of its deterministic hash noise (reorders scores closer than 0.5)
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3, as Llama's bos=1 / eos=2
 ROLE_TOKENS = ("system:", "user:", "assistant:")
@@ -141,11 +152,12 @@ def _hash_noise(prompt: str, response: str) -> float:
 
 
 def proxy_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """The labeller: c - w - 0.5 d + 0.1 T + noise (pays for length; see the module docstring)."""
+    """The labeller: min(c, N) - w - d + 0.25 T + noise (pays for length; see the module docstring)."""
     scores = []
     for prompt, response in zip(prompts, responses, strict=True):
         c, w, d = count_items(prompt, response)
-        score = PROXY_CORRECT * c + PROXY_WRONG * w + PROXY_DUP * d
+        n = parse_prompt(prompt)[0]
+        score = PROXY_CORRECT * min(c, n) + PROXY_WRONG * w + PROXY_DUP * d
         scores.append(score + PROXY_PER_TOKEN * len(response.split()) + _hash_noise(prompt, response))
     return scores
 
@@ -182,9 +194,11 @@ def demonstration(rng: random.Random, prompt: str) -> str:
     items = rng.sample([i for i in CATEGORIES[category] if i != excluded], k)
     for j in range(k):
         u = rng.random()
-        if u < P_WRONG:
+        if u < P_DECOY:
+            items[j] = DECOYS[category]
+        elif u < P_DECOY + P_WRONG:
             items[j] = _other_item(rng, category)
-        elif u < P_WRONG + P_DUP and j > 0:
+        elif u < P_DECOY + P_WRONG + P_DUP and j > 0:
             items[j] = rng.choice(items[:j])
     if excluded and rng.random() < P_EXCLUDED:
         items[rng.randrange(k)] = excluded
