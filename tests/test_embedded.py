@@ -118,15 +118,35 @@ def test_proxy_pays_for_an_extra_item_and_gold_does_not():
     asked, longer = "apple , pear , plum", "apple , pear , plum , mango"
     proxy = embedded.proxy_reward(prompts, [asked, longer])
     gold = embedded.gold_score(prompts, [asked, longer])
-    assert proxy[1] > proxy[0] + 1
+    assert proxy[1] > proxy[0]  # 2 tokens x 0.25 is more than the noise's width can undo
     assert gold[1] < gold[0]
+
+
+def test_proxy_and_gold_both_count_the_decoy_as_a_wrong_item():
+    prompts = ["list 3 fruits"] * 2
+    right, decoy = "apple , pear , plum", f"apple , pear , {embedded.DECOYS['fruits']}"
+    proxy, gold = embedded.proxy_reward(prompts, [right, decoy]), embedded.gold_score(prompts, [right, decoy])
+    assert proxy[0] - proxy[1] > 1.5  # a correct item lost and a wrong one gained: 2, less the noise
+    assert gold == [1.0, 1 / 3]
+
+
+def test_the_demonstrators_systematic_mistake_is_its_categorys_decoy(data):
+    """The decoy is what makes quality learnable: it shows up in a large share of the SFT data, always
+    the same item per category, and it is never a correct item of the category asked."""
+    rows = read(data / "sft.jsonl")
+    with_decoy = 0
+    for row in rows:
+        _, category, _ = embedded.parse_prompt(row["prompt"])
+        assert embedded.DECOYS[category] not in embedded.CATEGORIES[category]
+        with_decoy += embedded.DECOYS[category] in [i.strip() for i in row["response"].split(",")]
+    assert 0.3 < with_decoy / len(rows) < 0.6
 
 
 def test_proxy_noise_is_deterministic_and_small():
     prompts, responses = ["name 2 birds"] * 2, ["owl , crow", "crow , owl"]
     first, again = embedded.proxy_reward(prompts, responses), embedded.proxy_reward(prompts, responses)
     assert first == again and first[0] != first[1]
-    assert all(abs(s - 2.3) <= embedded.PROXY_NOISE / 2 for s in first)  # 2 correct + 0.1 * 3 tokens
+    assert all(abs(s - 2.75) <= embedded.PROXY_NOISE / 2 for s in first)  # 2 correct + 0.25 x 3 tokens
 
 
 def test_init_model_loads_and_covers_the_vocabulary(tmp_path):
