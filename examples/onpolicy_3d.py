@@ -14,8 +14,9 @@ on the same prompts: those where all four pairs are strictly ordered by the prox
 configs/dpo.yaml, reference = SFT) trains on each; the table gives the mean change of the training
 pairs' log-probs from the SFT model to the trained one, chosen and rejected (`pair_logps`), and the
 trained policy's gold score, length and KL on the held-out prompts (`evaluate.py`); the figure,
-runs/onpolicy_3d/logps.png, the batch means of both log-probs over the training steps (dpo.py's
-metrics.jsonl). The stages run in this process with the argv a command line would give them (printed).
+runs/onpolicy_3d/rewards.png, the batch means of both implicit rewards, beta x log(pi / pi_SFT), over
+the training steps (dpo.py's metrics.jsonl): how far each side's log-probs have moved from the SFT
+model's on the pairs of that step, so the batches' own lengths drop out. The stages run in this process with the argv a command line would give them (printed).
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def slug(name: str) -> str:
 
 
 def main(s: Settings) -> list[dict]:
-    """Build the four pair sets, train DPO on each, measure; write table.md, table.json and logps.png."""
+    """Build the four pair sets, train DPO on each, measure; write table.md, table.json and rewards.png."""
     from brevity.models import load_tokenizer
 
     data, out = Path(s.data_dir), Path(s.out_dir)
@@ -170,9 +171,9 @@ def main(s: Settings) -> list[dict]:
     curves = {}
     for name in scenarios:
         log = read_jsonl(out / slug(name) / "model" / "metrics.jsonl")
-        curves[name] = {k: [row[k] for row in log if k in row] for k in ("logps/chosen", "logps/rejected")}
-    plots.plot_curves(curves, ("logps/chosen", "logps/rejected"), out / "logps.png")
-    print(f"wrote {out / 'logps.png'}")
+        curves[name] = {k: [row[k] for row in log if k in row] for k in ("rewards/chosen", "rewards/rejected")}
+    plots.plot_curves(curves, ("rewards/chosen", "rewards/rejected"), out / "rewards.png")
+    print(f"wrote {out / 'rewards.png'}")
     return results
 
 
