@@ -180,7 +180,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, policy, optimizer, d:
         sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         atomic_write_text(tmp / "trainer_state.json", json.dumps(
             {**(info or {}), "step": step, "world_size": d.world_size, "param_groups": param_groups,
-             "files": sizes}, indent=1))
+             "with_reference": reference is not None, "files": sizes}, indent=1))
         rmtree(final)
         os.replace(tmp, final)
         older = [p for p in checkpoints(out_dir) if p.name < final.name]
@@ -203,6 +203,11 @@ def load_checkpoint(path: str | os.PathLike, policy, optimizer, d: Dist, referen
 
     path = Path(path)
     info = read_json(path / "trainer_state.json")
+    saved_with = info.get("with_reference", reference is not None)  # older checkpoints did not record it
+    if saved_with != (reference is not None):
+        raise UserError(f"{path}: saved {'with' if saved_with else 'without'} a reference model that changes while "
+                        f"training (--sync_ref_model), resumed {'with' if reference is not None else 'without'} one; "
+                        "resume with the setting it was started with, or choose another --output_dir")
     state, _ = _train_state(policy, optimizer, reference)
     try:
         with _one_process_dcp():

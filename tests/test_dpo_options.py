@@ -191,6 +191,32 @@ def test_tr_dpo_resumes_with_the_reference_it_had_reached(tiny_model_dir, tiny_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_tr_dpo_checkpoint_is_not_resumed_without_its_reference(tiny_model_dir, tiny_prefs_jsonl, tmp_path,
+                                                                   monkeypatch, capsys):
+    """A checkpoint saved with --sync_ref_model holds the reference it had reached; resuming it without
+    the flag (or a plain one with it) is refused in one line before anything is loaded."""
+    real = dpo.objective_losses
+    calls = []
+
+    def nan_at_step_2(objective, **tensors):
+        calls.append(1)
+        result = real(objective, **tensors)
+        return result._replace(losses=result.losses * (math.nan if len(calls) == 2 else 1.0))
+
+    monkeypatch.setattr(dpo, "objective_losses", nan_at_step_2)
+    out = tmp_path / "out"
+    flags = ["--loss", "dpo", "--sync_ref_model", "--ref_model_sync_steps", "1", "--save_every", "1"]
+    with pytest.raises(SystemExit):
+        train(tiny_model_dir, tiny_prefs_jsonl, out, *flags, "--resume", steps=3)
+    monkeypatch.setattr(dpo, "objective_losses", real)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train(tiny_model_dir, tiny_prefs_jsonl, out, "--loss", "dpo", "--save_every", "1", "--resume", steps=3)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert "checkpoint-00000001: saved with a reference model that changes while training" in err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--loss", "dpo+lndpo"], "the following arguments are required: --beta"),
     (["--loss", "dpo+sft", "--loss_weights", "1"], "1 weights for the 2 losses"),
