@@ -71,7 +71,8 @@ def plot_sweep(points: list[dict], sft: dict, path: str | os.PathLike) -> None:
     below = [sum(p["gold_score"] < sft["gold_score"] for p in points if p["method"] == m) /
              max(1, sum(p["method"] == m for p in points)) for m in methods]
     axes[0].legend()
-    fig.suptitle("grid points below SFT's gold: " + ", ".join(f"{m} {b:.0%}" for m, b in zip(methods, below)))
+    fig.suptitle("grid points below SFT's gold: " + ", ".join(f"{m} {b:.0%}" for m, b in zip(methods, below)),
+                 y=1.02)  # above the panels' own titles
     save_png(fig, path)
 
 
