@@ -80,3 +80,16 @@ def test_run_names_say_what_each_run_computes_in():
     trl = dpo_vs_trl.run_spec("trl_precompute_bf16")
     assert trl["trl"] and trl["precompute"] and trl["compute"] == "bfloat16" and not trl["live_reference"]
     assert dpo_vs_trl.run_spec("trl")["live_reference"] and dpo_vs_trl.run_spec("trl")["compute"] == "float32"
+
+
+@pytest.mark.parametrize("operator, kind", [
+    ("aten::mm", "matrix multiplies"), ("aten::addmm", "matrix multiplies"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("aten::_log_softmax_backward_data", "log-softmax"), ("aten::_to_copy", "casts and copies"),
+    ("aten::_fused_adamw_", "AdamW"), ("aten::rsqrt", "norms"), ("aten::silu_backward", "elementwise"),
+    ("aten::embedding", "other"),
+])
+def test_the_profile_puts_each_operator_in_its_kind(operator, kind):
+    import profile_dpo
+
+    assert profile_dpo.kind_of(operator) == kind
