@@ -72,7 +72,7 @@ WORDS_PER_ITEM, PREAMBLE_WORDS = 4, 6
 class Settings:
     out_dir: str = setting("data/chat_lists", "where prompts.jsonl and eval.jsonl go")
     seed: int = setting(0, "shuffles the prompts' order and picks the training subset")
-    num_train: int = setting(32, "training prompts kept (a seeded subset of the 96); 0: all")
+    num_train: int = setting(0, "training prompts kept (a seeded subset of the 96); 0: all")
 
 
 def parse_prompt(prompt: str) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from brevity.scoring import load_function  # noqa: E402
 def test_every_held_out_reference_answer_has_gold_one(tmp_path):
     stats = chat_lists.main(chat_lists.Settings(out_dir=str(tmp_path)))
     rows = chat_lists.prompts(chat_lists.EVAL_PHRASINGS, __import__("random").Random(0))
-    assert stats == {"prompts": 32, "eval": 48} and len(rows) == 48
+    assert stats == {"prompts": 96, "eval": 48} and len(rows) == 48
     assert chat_lists.gold_score([r["prompt"] for r in rows], [r["chosen"] for r in rows]) == [1.0] * 48
 
 
