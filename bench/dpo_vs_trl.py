@@ -106,6 +106,18 @@ class BenchSettings:
     bf16: bool = False  # internal: TRL's bf16 (autocast)
 
 
+def rebuild_work_dir(work_dir: str, script: str) -> Path:
+    """`work_dir` as an absolute path (a relative one is the repository's), emptied and marked as made by
+    `script`. One that holds anything but no MARKER was not made by a bench script: refused, not deleted."""
+    work = Path(work_dir) if Path(work_dir).is_absolute() else ROOT / work_dir
+    if work.exists() and any(work.iterdir()) and not (work / MARKER).exists():
+        raise SystemExit(f"--work_dir {work}: not empty and not made by this script; choose another")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / MARKER).write_text(f"made by {script}; removed and rebuilt on every run\n")
+    return work
+
+
 # Model, tokenizer and data
 
 def build_tokenizer(vocab_size: int):
@@ -464,16 +476,9 @@ def main(s: BenchSettings) -> None:
         return run_trl(s)
     from brevity.models import compute_dtype
 
-    work = Path(s.work_dir)
-    if not work.is_absolute():
-        work = ROOT / work
-        s = dataclasses.replace(s, work_dir=str(work))
-    if work.exists() and any(work.iterdir()) and not (work / MARKER).exists():
-        raise SystemExit(f"--work_dir {work}: not empty and not made by this script; choose another")
     specs = {name: run_spec(name) for name in s.runs.split(",")}
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / MARKER).write_text("made by bench/dpo_vs_trl.py; removed and rebuilt on every run\n")
+    work = rebuild_work_dir(s.work_dir, "bench/dpo_vs_trl.py")
+    s = dataclasses.replace(s, work_dir=str(work))
     info = prepare(s, work)
     lens = sorted(info["seq_lens"])
     print(f"model: {s.size} Llama, {info['params']:,} parameters ({info['body_params']:,} in the decoder layers "

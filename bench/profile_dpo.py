@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ os.environ["TQDM_DISABLE"] = "1"
 
 from brevity.config import run_main  # noqa: E402
 
-MARKER = ".bench_work_dir"
 KINDS = (  # the first kind whose name fragment is in the operator's name
     ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
     ("attention", ("scaled_dot_product", "flash_attention")),
@@ -62,12 +60,7 @@ def main(s: ProfileSettings) -> None:
     import dpo_vs_trl
 
     torch.set_num_threads(s.threads)
-    work = Path(s.work_dir) if Path(s.work_dir).is_absolute() else ROOT / s.work_dir
-    if work.exists() and any(work.iterdir()) and not (work / MARKER).exists():
-        raise SystemExit(f"--work_dir {work}: not empty and not made by this script; choose another")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / MARKER).write_text("made by bench/profile_dpo.py; removed and rebuilt on every run\n")
+    work = dpo_vs_trl.rebuild_work_dir(s.work_dir, "bench/profile_dpo.py")
     bench = dpo_vs_trl.BenchSettings(size=s.size, steps=s.steps, warmup=0, batch_size=s.batch_size)
     info = dpo_vs_trl.prepare(bench, work)
     argv = dpo_vs_trl.dpo_command(bench, work, work / "ours", s.compute_dtype)[2:]  # without python, dpo.py

@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,9 +46,8 @@ os.environ["TQDM_DISABLE"] = "1"  # before tqdm is imported: it reads its enviro
 
 from brevity.config import run_main  # noqa: E402
 from brevity.files import read_jsonl, write_jsonl  # noqa: E402
-from dpo_vs_trl import SIZES, build_tokenizer, lognormal_lengths  # noqa: E402
+from dpo_vs_trl import SIZES, build_tokenizer, lognormal_lengths, rebuild_work_dir  # noqa: E402
 
-MARKER = ".bench_work_dir"  # the work dir is deleted on every run only if it holds this file
 POLICY_TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
                    "{% if add_generation_prompt %}<s> {% endif %}")
 RM_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}</s>"  # ends where the score is read
@@ -286,14 +284,7 @@ def main(s: BenchSettings) -> None:
     from brevity.models import inference_dtype
 
     dtype = inference_dtype(s.dtype, device)  # what sample.py and label.py load the models in
-    work = Path(s.work_dir)
-    if not work.is_absolute():
-        work = ROOT / work
-    if work.exists() and any(work.iterdir()) and not (work / MARKER).exists():
-        raise SystemExit(f"--work_dir {work}: not empty and not made by this script; choose another")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / MARKER).write_text("made by bench/sample_label.py; removed and rebuilt on every run\n")
+    work = rebuild_work_dir(s.work_dir, "bench/sample_label.py")
     info = prepare(s, work)
     pw, rw = info["prompt_words"], info["response_words"]
     print(f"model: {s.size} Llama, {info['params']:,} parameters (the reward model has the same shape), "

@@ -165,6 +165,20 @@ def test_tr_dpo_update_equals_trls_sync_callback(tiny_tokenizer):
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
+def make_the_loss_nan_at_step(monkeypatch, step: int):
+    """Patch dpo.objective_losses so that its `step`-th call's losses are NaN (the run stops there, after
+    the checkpoint before it); return the real function, to patch back."""
+    real, calls = dpo.objective_losses, []
+
+    def nan_at_step(objective, **tensors):
+        calls.append(1)
+        result = real(objective, **tensors)
+        return result._replace(losses=result.losses * (math.nan if len(calls) == step else 1.0))
+
+    monkeypatch.setattr(dpo, "objective_losses", nan_at_step)
+    return real
+
+
 def test_tr_dpo_resumes_with_the_reference_it_had_reached(tiny_model_dir, tiny_prefs_jsonl, tmp_path, monkeypatch,
                                                           capsys):
     """tau 2, alpha 0.5, a checkpoint every step; a NaN at step 4 stops the run after the checkpoint of step 3,
@@ -172,14 +186,7 @@ def test_tr_dpo_resumes_with_the_reference_it_had_reached(tiny_model_dir, tiny_p
     flags = ["--loss", "dpo", "--sync_ref_model", "--ref_model_sync_steps", "2", "--ref_model_mixup_alpha", "0.5",
              "--save_every", "1"]
     train(tiny_model_dir, tiny_prefs_jsonl, tmp_path / "never", *flags, steps=6)
-    real, calls = dpo.objective_losses, []
-
-    def nan_at_step_4(objective, **tensors):
-        calls.append(1)
-        result = real(objective, **tensors)
-        return result._replace(losses=result.losses * (math.nan if len(calls) == 4 else 1.0))
-
-    monkeypatch.setattr(dpo, "objective_losses", nan_at_step_4)
+    real = make_the_loss_nan_at_step(monkeypatch, 4)
     out = tmp_path / "out"
     with pytest.raises(SystemExit):
         train(tiny_model_dir, tiny_prefs_jsonl, out, *flags, "--resume", steps=6)
@@ -194,16 +201,8 @@ def test_tr_dpo_resumes_with_the_reference_it_had_reached(tiny_model_dir, tiny_p
 def test_a_tr_dpo_checkpoint_is_not_resumed_without_its_reference(tiny_model_dir, tiny_prefs_jsonl, tmp_path,
                                                                    monkeypatch, capsys):
     """A checkpoint saved with --sync_ref_model holds the reference it had reached; resuming it without
-    the flag (or a plain one with it) is refused in one line before anything is loaded."""
-    real = dpo.objective_losses
-    calls = []
-
-    def nan_at_step_2(objective, **tensors):
-        calls.append(1)
-        result = real(objective, **tensors)
-        return result._replace(losses=result.losses * (math.nan if len(calls) == 2 else 1.0))
-
-    monkeypatch.setattr(dpo, "objective_losses", nan_at_step_2)
+    the flag is refused in one line before anything is loaded."""
+    real = make_the_loss_nan_at_step(monkeypatch, 2)
     out = tmp_path / "out"
     flags = ["--loss", "dpo", "--sync_ref_model", "--ref_model_sync_steps", "1", "--save_every", "1"]
     with pytest.raises(SystemExit):
