@@ -16,7 +16,8 @@ pairs' log-probs from the SFT model to the trained one, chosen and rejected (`pa
 trained policy's gold score, length and KL on the held-out prompts (`evaluate.py`); the figure,
 runs/onpolicy_3d/rewards.png, the batch means of both implicit rewards, beta x log(pi / pi_SFT), over
 the training steps (dpo.py's metrics.jsonl): how far each side's log-probs have moved from the SFT
-model's on the pairs of that step, so the batches' own lengths drop out. The stages run in this process with the argv a command line would give them (printed).
+model's on the pairs of that step, so the batches' own lengths drop out. The stages run in this process
+with the argv a command line would give them (printed).
 """
 from __future__ import annotations
 
@@ -168,11 +169,11 @@ def main(s: Settings) -> list[dict]:
 
     from brevity import plots
 
-    curves = {}
+    panels, curves = ("rewards/chosen", "rewards/rejected"), {}
     for name in scenarios:
         log = read_jsonl(out / slug(name) / "model" / "metrics.jsonl")
-        curves[name] = {k: [row[k] for row in log if k in row] for k in ("rewards/chosen", "rewards/rejected")}
-    plots.plot_curves(curves, ("rewards/chosen", "rewards/rejected"), out / "rewards.png")
+        curves[name] = {k: [row[k] for row in log if k in row] for k in panels}
+    plots.plot_curves(curves, panels, out / "rewards.png")
     print(f"wrote {out / 'rewards.png'}")
     return results
 
