@@ -476,6 +476,9 @@ def main(s: BenchSettings) -> None:
         return run_trl(s)
     from brevity.models import compute_dtype
 
+    for name, least in (("steps", 1), ("warmup", 0), ("batch_size", 1), ("threads", 1), ("nproc", 1)):
+        if getattr(s, name) < least:
+            raise SystemExit(f"--{name} {getattr(s, name)}: need >= {least}")
     specs = {name: run_spec(name) for name in s.runs.split(",")}
     work = rebuild_work_dir(s.work_dir, "bench/dpo_vs_trl.py")
     s = dataclasses.replace(s, work_dir=str(work))

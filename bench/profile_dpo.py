@@ -59,6 +59,9 @@ def main(s: ProfileSettings) -> None:
     import dpo
     import dpo_vs_trl
 
+    for name in ("steps", "batch_size", "threads"):
+        if getattr(s, name) < 1:
+            raise SystemExit(f"--{name} {getattr(s, name)}: need >= 1")
     torch.set_num_threads(s.threads)
     work = dpo_vs_trl.rebuild_work_dir(s.work_dir, "bench/profile_dpo.py")
     bench = dpo_vs_trl.BenchSettings(size=s.size, steps=s.steps, warmup=0, batch_size=s.batch_size)

@@ -93,3 +93,18 @@ def test_the_profile_puts_each_operator_in_its_kind(operator, kind):
     import profile_dpo
 
     assert profile_dpo.kind_of(operator) == kind
+
+
+@pytest.mark.parametrize("harness, field, value, message", [
+    ("dpo_vs_trl", "steps", 0, "--steps 0: need >= 1"), ("dpo_vs_trl", "warmup", -1, "--warmup -1: need >= 0"),
+    ("profile_dpo", "steps", -3, "--steps -3: need >= 1"), ("profile_dpo", "batch_size", 0, "--batch_size 0: need >= 1"),
+])
+def test_a_count_out_of_range_is_refused_before_the_work_dir_is_touched(harness, field, value, message, tmp_path):
+    import profile_dpo
+
+    module = {"dpo_vs_trl": dpo_vs_trl, "profile_dpo": profile_dpo}[harness]
+    settings = (dpo_vs_trl.BenchSettings if harness == "dpo_vs_trl" else profile_dpo.ProfileSettings)(
+        work_dir=str(tmp_path / "work"), **{field: value})
+    with pytest.raises(SystemExit, match=message):
+        module.main(settings)
+    assert not (tmp_path / "work").exists()
