@@ -131,6 +131,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         raise UserError(f"{name_or_path}: cannot load tokenizer ({type(e).__name__}: {first})")
     if tok.eos_token_id is None:
         raise UserError(f"{name_or_path}: tokenizer has no eos_token; responses could never end")
+    # tokens added to a tokenizer without resizing the embedding: their ids would index past it (an
+    # IndexError mid-run on CPU, a device-side assert on GPU)
+    if (rows := config_vocab_size(name_or_path, trust_remote_code)) and len(tok) > rows:
+        raise UserError(f"{name_or_path}: its tokenizer has {len(tok)} tokens but config.json's vocab_size is {rows}; "
+                        "resize the model's embedding (resize_token_embeddings) and save it again")
     return tok
 
 
@@ -244,6 +249,14 @@ def model_vocab_size(name_or_path: str, trust_remote_code: bool = False) -> int:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+
+
+def config_vocab_size(name_or_path: str, trust_remote_code: bool = False) -> int | None:
+    """`model_vocab_size`, or None where there is no readable config (load_model says why, later)."""
+    try:
+        return model_vocab_size(name_or_path, trust_remote_code)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def release_memory() -> None:

@@ -170,6 +170,16 @@ def model_with_damaged_tokenizer(g, path: Path) -> None:
     (path / "tokenizer.json").write_text('{"model": {"type": "WordLevel"}}')
 
 
+def model_with_added_tokens(g, path: Path) -> None:
+    """Tokens added to the tokenizer, the embedding not resized: their ids are past its rows."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(g["model"], path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_tokens([f"new{i}" for i in range(16)])
+    tokenizer.save_pretrained(path)
+
+
 def config(text: bytes) -> Callable[[dict], bytes]:
     return lambda g: text
 
@@ -321,6 +331,8 @@ CASES = {
     "sft-prompt-too-long": Case("sft", "--data", long_prompt("sft"), flags={"--max_prompt_length": 64},
                                 counted=count_in("data_stats.json", "prompts_cut", 1, "1 prompts cut from the left")),
     "sft-model-without-weights": Case("sft", "--model", model_without_weights, "{bad}: no *.safetensors weights"),
+    "sft-tokenizer-past-the-embedding": Case("sft", "--model", model_with_added_tokens,
+                                             "{bad}: its tokenizer has"),
     "sft-config-unknown-key": Case("sft", "--config", config(b"lr: 1.0e-4\nbogus: 1\n"), "{bad}: unknown key 'bogus'"),
     "sft-config-wrong-type": Case("sft", "--config", config(b"lr: fast\n"), "{bad}: key 'lr' should be"),
     # dpo.py --data: pairs {prompt, chosen, rejected}
@@ -359,6 +371,9 @@ CASES = {
     "sample-not-utf8": Case("sample", "--prompts", lines_with("prompts", b'{"prompt": "\xc3"}'), "{bad}:2: not UTF-8"),
     "sample-model-only-pytorch-bin": Case("sample", "--model", model_with_only_pytorch_bin,
                                           "{bad}: no *.safetensors weights"),
+    "sample-tokenizer-past-the-embedding": Case("sample", "--model", model_with_added_tokens,  # a fresh run: one
+                                                "{bad}: its tokenizer has",  # of another model is refused first
+                                                earlier=lambda g, out: None),
     "sample-config-unknown-key": Case("sample", "--config", config(b"temperature: 0.7\nbogus: 1\n"),
                                       "{bad}: unknown key 'bogus'"),
     # label.py --samples: rows {prompt, responses: [{text, num_tokens, finish_reason}]}
