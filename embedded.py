@@ -11,14 +11,14 @@ category, not the excluded item, and not listed before; a *duplicate* if it is a
 before; *wrong* otherwise (another category, the excluded item, an unknown or empty item, several
 words). With c correct, w wrong, d duplicates, k = c + w + d items and T tokens:
 
-    proxy_reward = min(c, N) - w - d + 0.25 T + noise,  noise in [-0.25, 0.25) from a hash of the text
+    proxy_reward = min(c, N) - w - d + 0.35 T + noise,  noise in [-0.25, 0.25) from a hash of the text
     gold_score   = (min(c, N) - w - d - |k - N|) / N                     (1 for a perfect answer)
 
 The proxy (the labeller, like a real reward model) judges the asked-for content as the gold does, but
-it does not mind items beyond N and it pays 0.25 per token: of two equally good answers it prefers the
-longer one (an extra correct item, two tokens, earns 0.5, more than the noise can undo). The gold score
-has no length bias: an item beyond N costs 1/N, and a missing one 2/N (the lost credit and the count).
-The loop never sees the gold; evaluate.py alone uses it.
+it does not mind items beyond N and it pays 0.35 per token: of two equally good answers it prefers the
+longer one (an extra correct item, two tokens, earns 0.7, more than the noise can undo; an extra wrong
+one still costs 0.3). The gold score has no length bias: an item beyond N costs 1/N, and a missing
+one 2/N (the lost credit and the count). The loop never sees the gold; evaluate.py alone uses it.
 
 SFT demonstrations come from a noisy demonstrator (proportions in the settings below): the count is
 N or N+1 with probability 0.8 / 0.2 (never short, so being longer only ever pleases the proxy); each
@@ -94,7 +94,7 @@ N_PREFS = 1000         # offline preference pairs
 PREF_CANDIDATES = 4    # demonstrator responses per offline prompt; best and worst by proxy form a pair
 
 PROXY_CORRECT, PROXY_WRONG, PROXY_DUP = 1.0, -1.0, -1.0  # proxy: per correct (up to N) / wrong / duplicate item
-PROXY_PER_TOKEN = 0.25 # proxy: the length bias, per response token (EOS not counted)
+PROXY_PER_TOKEN = 0.35 # proxy: the length bias, per response token (EOS not counted)
 PROXY_NOISE = 0.5      # proxy: width of its deterministic hash noise (reorders scores closer than 0.5)
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3, as Llama's bos=1 / eos=2
@@ -152,7 +152,7 @@ def _hash_noise(prompt: str, response: str) -> float:
 
 
 def proxy_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """The labeller: min(c, N) - w - d + 0.25 T + noise (pays for length; see the module docstring)."""
+    """The labeller: min(c, N) - w - d + 0.35 T + noise (pays for length; see the module docstring)."""
     scores = []
     for prompt, response in zip(prompts, responses, strict=True):
         c, w, d = count_items(prompt, response)

@@ -118,7 +118,7 @@ def test_proxy_pays_for_an_extra_item_and_gold_does_not():
     asked, longer = "apple , pear , plum", "apple , pear , plum , mango"
     proxy = embedded.proxy_reward(prompts, [asked, longer])
     gold = embedded.gold_score(prompts, [asked, longer])
-    assert proxy[1] > proxy[0]  # 2 tokens x 0.25 is more than the noise's width can undo
+    assert proxy[1] > proxy[0]  # 2 tokens x PROXY_PER_TOKEN is more than the noise's width can undo
     assert gold[1] < gold[0]
 
 
@@ -146,7 +146,8 @@ def test_proxy_noise_is_deterministic_and_small():
     prompts, responses = ["name 2 birds"] * 2, ["owl , crow", "crow , owl"]
     first, again = embedded.proxy_reward(prompts, responses), embedded.proxy_reward(prompts, responses)
     assert first == again and first[0] != first[1]
-    assert all(abs(s - 2.75) <= embedded.PROXY_NOISE / 2 for s in first)  # 2 correct + 0.25 x 3 tokens
+    expected = 2 + 3 * embedded.PROXY_PER_TOKEN  # 2 correct items, 3 tokens
+    assert all(abs(s - expected) <= embedded.PROXY_NOISE / 2 for s in first)
 
 
 def test_init_model_loads_and_covers_the_vocabulary(tmp_path):
