@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import math
+import statistics
 import sys
 import typing
 from pathlib import Path
@@ -127,11 +128,11 @@ def grid_markdown(results: list[dict], sft: dict) -> str:
     lines += ["", f"SFT: gold {sft['gold_score']:.3f}, length {sft['length']:.2f}", "",
               "| loss | points | below SFT | gold median | gold min | length median |", "|---" * 6 + "|"]
     for loss in dict.fromkeys(r["loss"] for r in results):
-        golds = sorted(r["gold_score"] for r in results if r["loss"] == loss)
-        lengths = sorted(r["length"] for r in results if r["loss"] == loss)
+        golds = [r["gold_score"] for r in results if r["loss"] == loss]
+        lengths = [r["length"] for r in results if r["loss"] == loss]
         below = sum(g < sft["gold_score"] for g in golds) / len(golds)
-        lines.append(f"| {loss} | {len(golds)} | {below:.0%} | {golds[len(golds) // 2]:.3f} | {golds[0]:.3f} | "
-                     f"{lengths[len(lengths) // 2]:.2f} |")
+        lines.append(f"| {loss} | {len(golds)} | {below:.0%} | {statistics.median(golds):.3f} | {min(golds):.3f} | "
+                     f"{statistics.median(lengths):.2f} |")
     return "\n".join(lines) + "\n"
 
 

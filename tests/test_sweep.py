@@ -52,3 +52,11 @@ def test_table_gives_each_loss_over_the_seeds_with_a_standard_error(setup, tmp_p
     table = (tmp_path / "sweep" / "table.md").read_text()
     mean, err = sweep.mean_and_stderr([r["gold_score"] for r in results])
     assert f"| lndpo | 2 | {mean:.3f} ± {err:.3f} |" in table
+
+
+def test_the_grid_summary_gives_the_median_of_an_even_number_of_points():
+    point = dict(lr=1e-4, knob=("beta", 0.1), epochs=1, gold_score_stderr=0.0, kl_vs_sft=0.0)
+    results = [{**point, "loss": "dpo", "gold_score": g, "length": n} for g, n in ((0.1, 7), (0.4, 9), (0.2, 8),
+                                                                                   (-0.3, 10))]
+    text = sweep.grid_markdown(results, {"gold_score": 0.15, "length": 7.0})
+    assert "| dpo | 4 | 50% | 0.150 | -0.300 | 8.50 |" in text
