@@ -18,6 +18,9 @@ to *PO, section 2 of PAPERS.md), over the prompts:
 - lc_win_rate_vs_sft: length-controlled, in the manner of AlpacaEval 2.0: a logistic regression
   P(win) = sigmoid(a + b * tanh(dlen / sd(dlen))), dlen the policy-minus-SFT length in tokens, and
   the predicted win rate at dlen = 0, sigmoid(a) (`length_controlled_win_rate`);
+- win_rate_vs_sft_equal_length: the plain win rate over the prompts where the two responses have
+  the same number of tokens (prompts_equal_length of them; null if none), the data's own answer to
+  what the LC regression estimates;
 - kl_vs_sft: mean over responses y ~ pi of sum_t [log pi(y_t) - log pi_sft(y_t)] (a Monte-Carlo KL
   estimate at temperature 1 and top_p 1; at other settings it is the log-ratio on those samples);
 - kl_per_token_vs_sft: the same divided by |y| per response, then averaged;
@@ -36,8 +39,10 @@ Outputs in --output_dir: eval.json (the metrics, written last), generations.json
 model-outputs format: instruction, output, generator, dataset), details.jsonl (per prompt: responses,
 lengths, scores, log-probs) and settings.json. The generated SFT responses go to --sft_generations
 (JSONL: prompt, output, num_tokens, finish_reason and the generation settings), or to
-output_dir/sft_generations.jsonl when no path is given. Under torchrun the prompts are split over
-processes (each holds a full copy of a model, one model at a time).
+output_dir/sft_generations.jsonl when no path is given. Until eval.json is written, each process keeps
+its responses and log-probs in responses.rank{R}.json, so a rerun after the gold scorer failed scores
+them instead of generating again. Under torchrun the prompts are split over processes (each holds a
+full copy of a model, one model at a time).
 """
 from __future__ import annotations
 
@@ -54,11 +59,11 @@ import torch
 from brevity.config import UserError, run_main, setting
 from brevity.dist import all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from brevity.files import (PROMPT, RESPONSE, atomic_write_text, check_output_path, load_rows, read_json, read_jsonl,
-                           save_settings, write_jsonl)
+                           rows_fingerprint, save_settings, write_jsonl)
 from brevity.generation import GenerationSettings, check_generation_settings, generate_responses, response_seed, sampling_key
 from brevity.logprobs import SequenceLogps, response_logps
 from brevity.models import (autocast_dtype, check_model_dir, check_same_vocabulary, compute_dtype, inference_dtype,
-                            load_model, load_tokenizer, release_memory)
+                            load_model, load_tokenizer, model_fingerprint, release_memory)
 from brevity.scoring import load_function, load_scorer, score_batches
 from brevity.tokens import encode_prompts, encode_responses, padding_id, prompt_user_text, response_text
 from brevity.tracking import check_tracker, start_tracker
@@ -178,6 +183,10 @@ def metrics(records: list[dict]) -> dict:
                                      [r["num_tokens"] - r["sft_num_tokens"] for r in records])
     out["lc_win_rate_vs_sft"] = fit.pop("lc_win_rate")
     out["lc_fit"] = fit
+    equal = [win(r["gold"], r["sft_gold"]) for r in records if r["num_tokens"] == r["sft_num_tokens"]]
+    out["prompts_equal_length"] = len(equal)
+    out["win_rate_vs_sft_equal_length"], out["win_rate_vs_sft_equal_length_stderr"] = (
+        mean_and_stderr(equal) if equal else (None, None))
     n = len(records)
     out.update({
         "gold_score_sft": sum(r["sft_gold"] for r in records) / n,
@@ -265,10 +274,35 @@ def model_pass(name: str, s: Settings, d, tokenizer, prompt_ids: list[list[int]]
     return responses, logps
 
 
-def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_saved: list[dict] | None) -> list[dict]:
-    """Per-prompt records for the prompts in `indices`: responses, lengths, log-probs, gold scores.
-    The SFT model's responses come from `sft_saved` when given, else they are sampled here."""
-    tokenizer = load_tokenizer(s.model, s.trust_remote_code)
+GOLD_ONLY = ("gold_fn", "gold_model", "gold_batch_size", "gold_max_length", "gold_text_format", "generator",
+             "output_dir", "wandb_project")
+
+
+def responses_path(out: Path, rank: int) -> Path:
+    """A process's responses and log-probs, kept until eval.json is written: a rerun after the gold
+    scorer failed (a bug in a gold function, a reward model out of memory) does not generate again."""
+    return out / f"responses.rank{rank}.json"
+
+
+def responses_key(s: Settings, rows: list[dict], indices: list[int]) -> dict:
+    """What a process's responses and log-probs depend on: every setting but the gold scorer's, the
+    two models' files, the prompts and which of them the process has."""
+    return {**{k: v for k, v in dataclasses.asdict(s).items() if k not in GOLD_ONLY},
+            "model_files": model_fingerprint(s.model), "sft_model_files": model_fingerprint(s.sft_model),
+            "rows": rows_fingerprint(rows), "indices": indices}
+
+
+def shard_responses(s: Settings, d, tokenizer, rows: list[dict], indices: list[int],
+                    sft_saved: list[dict] | None) -> dict:
+    """The policy's and the SFT model's responses to the prompts in `indices` and the log-probs of the
+    policy's under both: {"policy", "logps", "sft", "sft_logps"}; read back from `responses_path` if a
+    run with the same `responses_key` left it, else computed and written there."""
+    path, key = responses_path(Path(s.output_dir), d.rank), responses_key(s, rows, indices)
+    if path.is_file():
+        saved = read_json(path)
+        if saved.get("key") == key:
+            print(f"{path}: the responses of an earlier run with these settings; not generating them again")
+            return saved["responses"]
     prompts = [rows[i]["prompt"] for i in indices]
     prompt_ids = encode_prompts(tokenizer, prompts)
     if s.best_of > 1:
@@ -285,7 +319,18 @@ def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_sav
     if sft_saved is not None:
         sft = [{"text": sft_saved[i]["output"], "num_tokens": sft_saved[i]["num_tokens"],
                 "finish_reason": sft_saved[i]["finish_reason"]} for i in indices]
+    responses = {"policy": policy, "logps": logps, "sft": sft, "sft_logps": sft_logps}
+    atomic_write_text(path, json.dumps({"key": key, "responses": responses}, ensure_ascii=False))
+    return responses
 
+
+def evaluate_shard(s: Settings, d, rows: list[dict], indices: list[int], sft_saved: list[dict] | None) -> list[dict]:
+    """Per-prompt records for the prompts in `indices`: responses, lengths, log-probs, gold scores.
+    The SFT model's responses come from `sft_saved` when given, else they are sampled here."""
+    tokenizer = load_tokenizer(s.model, s.trust_remote_code)
+    prompts = [rows[i]["prompt"] for i in indices]
+    r = shard_responses(s, d, tokenizer, rows, indices, sft_saved)
+    policy, logps, sft, sft_logps = r["policy"], r["logps"], r["sft"], r["sft_logps"]
     scorer = load_scorer(s.gold_fn, s.gold_model, d.device, inference_dtype(s.dtype, d.device, s.compute_dtype),
                          s.gold_batch_size, s.gold_max_length, s.gold_text_format, s.trust_remote_code, flag="gold",
                          compute_dtype=compute_dtype(s.compute_dtype, d.device.type))
@@ -444,6 +489,8 @@ def main(s: Settings) -> dict | list | None:
         tracker = start_tracker(s.wandb_project, s.output_dir, dataclasses.asdict(s), d.is_main)
         tracker.log(result)
         tracker.finish(result)
+        for path in out.glob("responses.rank*.json"):
+            path.unlink()
         print(f"wrote {out / 'eval.json'}: gold {result['gold_score']:.3f}, win vs SFT {result['win_rate_vs_sft']:.3f} "
               f"(LC {result['lc_win_rate_vs_sft']:.3f}), KL {result['kl_vs_sft']:.2f}, length {result['length']:.1f}")
     barrier(d)

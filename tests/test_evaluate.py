@@ -271,3 +271,25 @@ def test_missing_chosen_is_a_one_line_error(models, gold_module, tmp_path, capsy
             "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert err == f"error: {bad}:1: missing field 'chosen'\n"
+
+
+def test_a_rerun_after_the_gold_scorer_failed_scores_the_kept_responses_without_generating(
+        models, eval_file, gold_module, tmp_path, monkeypatch):
+    (tmp_path / "failing_gold.py").write_text("def score(prompts, responses):\n    raise MemoryError('gold')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls, generate = [], evaluate.generate_responses
+    monkeypatch.setattr(evaluate, "generate_responses", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    reference = run_eval(models, eval_file, gold_module, tmp_path / "fresh")
+    for out in (tmp_path / "eval", tmp_path / "other"):
+        with pytest.raises(config.UserError, match="failing_gold:score raised MemoryError"):
+            run_eval(models, eval_file, "failing_gold:score", out)
+    assert (tmp_path / "eval" / "responses.rank0.json").is_file() and not (tmp_path / "eval" / "eval.json").exists()
+    calls.clear()
+    result = run_eval(models, eval_file, gold_module, tmp_path / "eval")
+    assert not calls
+    assert (files.read_jsonl(tmp_path / "eval" / "details.jsonl")
+            == files.read_jsonl(tmp_path / "fresh" / "details.jsonl"))
+    assert result["gold_score"] == reference["gold_score"]
+    assert not list((tmp_path / "eval").glob("responses.rank*.json"))  # kept only until eval.json is written
+    run_eval(models, eval_file, gold_module, tmp_path / "other", max_new_tokens=9)  # other settings: anew
+    assert calls

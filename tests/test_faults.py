@@ -416,7 +416,7 @@ CASES = {
                                          config(b'{"prompt": "a", "output": "b", "nu\n'), "{bad}:1: invalid JSON"),
     "evaluate-nan-gold-scores": Case("evaluate", "--gold_fn", None,
                                      "gold scorer returned nan for the policy response to prompt 0",
-                                     flags={"--gold_fn": "{scorers}:nan"}),
+                                     flags={"--gold_fn": "{scorers}:nan"}, writes=("responses.rank0.json",)),
     "evaluate-model-only-pytorch-bin": Case("evaluate", "--model", model_with_only_pytorch_bin,
                                             "{bad}: no *.safetensors weights"),
     "evaluate-sft-model-without-weights": Case("evaluate", "--sft_model", model_without_weights,
@@ -533,7 +533,7 @@ CASES = {
                                                  "--reward_fn {bad}: score 1 of a batch is '7' (str), not a number",
                                                  flags={"--reward_fn": "{scorers}:strings"}),
     "evaluate-gold-returns-bools": Case("evaluate", "--gold_fn", None, "(bool), not a number",
-                                        flags={"--gold_fn": "{scorers}:bools"}),
+                                        flags={"--gold_fn": "{scorers}:bools"}, writes=("responses.rank0.json",)),
     "label-reward-file-with-a-syntax-error": Case("label", "--reward_fn", python_file("def score(p, r:\n"),
                                                   "--reward_fn '{bad}': ", flags={"--reward_fn": "{bad}:score"}),
     "evaluate-gold-file-raising-on-import": Case("evaluate", "--gold_fn", python_file(

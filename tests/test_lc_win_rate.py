@@ -61,3 +61,20 @@ def test_lc_win_rate_falls_back_to_the_penalised_fit_when_length_separates_the_o
     fit = evaluate.length_controlled_win_rate([0.0, 0.0, 0.5, 1.0, 1.0], [-2, -1, 0, 0, 3])
     assert fit["penalised"] and math.isfinite(fit["slope"]) and fit["slope"] > 0
     assert 0.0 < fit["lc_win_rate"] < 1.0
+
+
+def record(gold: float, sft_gold: float, length: int, sft_length: int) -> dict:
+    return {"gold": gold, "sft_gold": sft_gold, "chosen_gold": 0.0, "logp": -1.0, "sft_logp": -1.0,
+            "num_tokens": length, "sft_num_tokens": sft_length, "chosen_num_tokens": 3,
+            "finish_reason": "eos", "sft_finish_reason": "eos"}
+
+
+def test_the_equal_length_win_rate_counts_only_the_prompts_where_both_answers_have_the_same_length():
+    records = [record(1.0, 0.0, 5, 5), record(0.5, 0.5, 5, 5), record(0.0, 1.0, 5, 5),  # won, tied, lost
+               record(0.0, 1.0, 9, 5), record(0.0, 1.0, 9, 5)]  # lost, and longer
+    out = evaluate.metrics(records)
+    assert out["prompts_equal_length"] == 3
+    assert out["win_rate_vs_sft_equal_length"] == pytest.approx(0.5)
+    assert out["win_rate_vs_sft_equal_length_stderr"] == pytest.approx(0.5 / math.sqrt(3))
+    assert out["win_rate_vs_sft"] == pytest.approx(0.3)
+    assert evaluate.metrics(records[3:])["win_rate_vs_sft_equal_length"] is None
