@@ -384,7 +384,8 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
         reference = cached_reference(ref, pairs, per_token="reference_tokens" in needs)
 
     policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
-                         s.activation_checkpointing, compute_dtype(s.compute_dtype, d.device.type))
+                         s.activation_checkpointing, compute_dtype(s.compute_dtype, d.device.type),
+                         s.torch_compile)
     if s.sync_ref_model:
         reference = live = wrap_policy(load_model(s.ref_model or s.model, DTYPES[s.dtype], s.trust_remote_code), d,
                                        s.chunk_size, compute_dtype=compute_dtype(s.compute_dtype, d.device.type))

@@ -119,7 +119,7 @@ def main(s: Settings) -> torch.nn.Module | None:
     run.plan(len(examples), stats, describe(stats, s), s, data_hash=rows_fingerprint(rows))
 
     policy = wrap_policy(load_model(s.model, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
-                         s.activation_checkpointing, compute_dtype(s.compute_dtype, d.device.type))
+                         s.activation_checkpointing, compute_dtype(s.compute_dtype, d.device.type), s.torch_compile)
     optimizer = adamw(policy, s)
     run.resume(policy, optimizer)
     for step, batch in run.steps([len(p) + len(r) for p, r in examples]):

@@ -1,6 +1,6 @@
 """dpo.py against TRL's DPOTrainer: one model, one set of pairs, the same batch, length, steps and loss.
 
-    python bench/dpo_vs_trl.py                                  # CPU: 16.8M-parameter Llama, 6 runs, ~15 min on 2 cores
+    python bench/dpo_vs_trl.py                                  # CPU: 16.8M-parameter Llama, 7 runs, ~15 min on 2 cores
     python bench/dpo_vs_trl.py --size 135m --steps 6 --warmup 2 # CPU: SmolLM2-135M-shaped Llama
     python bench/dpo_vs_trl.py --size 0.5b --device cuda --runs ours,trl_bf16,trl_precompute_bf16   # GPU
     python bench/dpo_vs_trl.py --size 0.5b --device cuda --nproc 8   # dpo.py under torchrun (FSDP2)
@@ -8,7 +8,8 @@
 The harness builds a random-init Llama (from a LlamaConfig), a word-level tokenizer and synthetic
 preference pairs with long-tailed lengths, then trains once per run, each in its own process:
 `ours` (dpo.py `--loss dpo` with its default `--compute_dtype auto`: bf16 on GPU and on CPUs with
-bf16 instructions), `ours_fp32` (dpo.py `--compute_dtype float32`), and TRL's DPOTrainer four
+bf16 instructions), `ours_fp32` (dpo.py `--compute_dtype float32`), `ours_compile` (`ours` with
+`--torch_compile`: its compile time falls in the warm-up steps and the epoch), and TRL's DPOTrainer four
 ways: `trl` (its defaults: a live reference model, fp32), `trl_bf16` (`bf16=True`: autocast, as
 its Trainer does on CPU and GPU), `trl_precompute` and `trl_precompute_bf16`
 (`precompute_ref_log_probs=True`). Everything that can be matched is: seed, the pairs (one epoch
@@ -99,7 +100,7 @@ class BenchSettings:
     threads: int = 2  # intra-op CPU threads for every run (OMP_NUM_THREADS and torch.set_num_threads)
     nproc: int = 1  # GPU only: dpo.py processes under torchrun (FSDP2); TRL runs on one device
     peak_tflops: float = 989.0  # GPU: per-device dense peak for MFU (H100 SXM bf16); on CPU the bench measures it
-    runs: str = "ours,ours_fp32,trl,trl_bf16,trl_precompute,trl_precompute_bf16"  # which runs, comma-separated
+    runs: str = "ours,ours_fp32,ours_compile,trl,trl_bf16,trl_precompute,trl_precompute_bf16"  # which runs, comma-separated
     work_dir: str = "runs/bench_dpo"  # model, data and run outputs (rebuilt on every call)
     runner: str = ""  # internal: "trl" runs one TRL training in this process
     precompute: bool = False  # internal: TRL's precompute_ref_log_probs
@@ -261,14 +262,16 @@ def child_env(s: BenchSettings) -> dict:
     return env
 
 
-def dpo_command(s: BenchSettings, work: Path, out: Path, compute_dtype: str) -> list[str]:
-    """dpo.py with the settings TRL gets below."""
+def dpo_command(s: BenchSettings, work: Path, out: Path, compute_dtype: str,
+                torch_compile: bool = False) -> list[str]:
+    """dpo.py with the settings TRL gets below (and --torch_compile if asked)."""
     n_steps = s.warmup + s.steps
     args = ["dpo.py", "--model", str(work / "model"), "--data", str(work / "pairs.jsonl"),
             "--output_dir", str(out), "--loss", "dpo", "--beta", str(s.beta), "--lr", str(s.lr),
             "--batch_size", str(s.batch_size), "--max_length", str(s.max_length), "--max_steps", str(n_steps),
             "--seed", str(s.seed), "--lr_schedule", "constant", "--warmup_steps", "0", "--save_every", "0",
-            "--activation_checkpointing", str(s.activation_checkpointing).lower(), "--compute_dtype", compute_dtype]
+            "--activation_checkpointing", str(s.activation_checkpointing).lower(), "--compute_dtype", compute_dtype,
+            "--torch_compile", str(torch_compile).lower()]
     if s.device == "cuda":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(s.nproc),
                 *args]
@@ -358,11 +361,12 @@ def run_trl(s: BenchSettings) -> None:
 # Runs, peak FLOP/s, summary
 
 def run_spec(name: str) -> dict:
-    """What a run name means: dpo.py ("ours", with --compute_dtype auto; "ours_fp32", "ours_bf16") or
-    TRL ("trl", with "_precompute" for precomputed reference log-probs and "_bf16" for bf16=True)."""
-    if name in ("ours", "ours_fp32", "ours_bf16"):
-        return {"trl": False, "compute": {"ours": "auto", "ours_fp32": "float32", "ours_bf16": "bfloat16"}[name],
-                "live_reference": False}
+    """What a run name means: dpo.py ("ours", with --compute_dtype auto; "ours_fp32", "ours_bf16";
+    "ours_compile", auto with --torch_compile) or TRL ("trl", with "_precompute" for precomputed
+    reference log-probs and "_bf16" for bf16=True)."""
+    computes = {"ours": "auto", "ours_fp32": "float32", "ours_bf16": "bfloat16", "ours_compile": "auto"}
+    if name in computes:
+        return {"trl": False, "compute": computes[name], "compile": name == "ours_compile", "live_reference": False}
     for precompute in (False, True):
         for bf16 in (False, True):
             if name == trl_run_name(precompute, bf16):
@@ -494,7 +498,7 @@ def main(s: BenchSettings) -> None:
     for name, spec in specs.items():
         print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks[-1].items()), flush=True)
         out = work / name
-        cmd = trl_command(s, work, spec) if spec["trl"] else dpo_command(s, work, out, spec["compute"])
+        cmd = trl_command(s, work, spec) if spec["trl"] else dpo_command(s, work, out, spec["compute"], spec["compile"])
         out.mkdir(parents=True, exist_ok=True)
         print(f"running {name}: {' '.join(cmd)}", flush=True)
         mem = run_measured(cmd, env, out.parent / f"{name}.log", cuda)

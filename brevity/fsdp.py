@@ -33,21 +33,25 @@ def _checkpointed(forward):
 
 
 def wrap_policy(model, d: Dist, chunk_size: int = 1024, activation_checkpointing: bool = False,
-                compute_dtype: torch.dtype | None = None) -> SequenceLogps:
+                compute_dtype: torch.dtype | None = None, torch_compile: bool = False) -> SequenceLogps:
     """`model` on d.device, wrapped for training, its matrix multiplies in `compute_dtype` (None: the
     parameters' dtype). Mixed precision keeps the parameters, gradients and optimizer state in their
     own dtype (float32: the master weights) and only computes in bfloat16: one process, or several
     on CPU, by autocast in `SequenceLogps`; several on GPU, by FSDP2's MixedPrecisionPolicy (bf16
     parameters gathered, fp32 gradient reduction). Under torchrun, `fully_shard` on every decoder
-    layer, then on the wrapper as the root (embeddings, final norm, LM head).
+    layer, then on the wrapper as the root (embeddings, final norm, LM head). With `torch_compile`,
+    each layer's forward (with its recompute) is compiled; the layers share one graph, and FSDP2's
+    hooks, on the module, stay outside it.
 
     The model stays in eval mode: dropout is off while training, so the policy's log-probs are the
     same function the reference log-probs were computed with.
     """
     model.to(d.device).eval()
-    if activation_checkpointing:  # the forward is wrapped in place: parameter names stay as they are
-        for layer in decoder_layers(model):
+    for layer in decoder_layers(model):  # the forward is wrapped in place: parameter names stay as they are
+        if activation_checkpointing:
             layer.forward = _checkpointed(layer.forward)
+        if torch_compile:
+            layer.forward = torch.compile(layer.forward, dynamic=True)
     weights = next(model.parameters()).dtype
     lower = autocast_dtype(weights, compute_dtype or weights)
     fsdp_casts = d.world_size > 1 and d.device.type == "cuda" and lower is not None

@@ -62,6 +62,8 @@ class TrainSettings:
     compute_dtype: typing.Literal["auto", "float32", "bfloat16"] = setting("auto", COMPUTE_DTYPE_HELP)
     activation_checkpointing: bool = setting(True, "recompute each decoder layer in backward: less memory for "
                                                    "more time (on, as in TRL); false: faster")
+    torch_compile: bool = setting(False, "torch.compile each decoder layer (inductor, dynamic shapes; a C++ "
+                                         "compiler on CPU): faster steps once the first ones have compiled")
     chunk_size: int = setting(1024, "response tokens per LM-head chunk; the log-prob peak is chunk_size x vocab floats")
     trust_remote_code: bool = setting(False, "run model/tokenizer code from the hub (only for models you trust)")
     wandb_project: str = setting("", "also log the metrics to this Weights & Biases project (pip install wandb; "

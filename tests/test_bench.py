@@ -77,6 +77,11 @@ def test_mfu_counts_the_head_on_response_tokens_and_a_live_reference_forward():
 def test_run_names_say_what_each_run_computes_in():
     assert dpo_vs_trl.run_spec("ours")["compute"] == "auto"
     assert dpo_vs_trl.run_spec("ours_fp32")["compute"] == "float32"
+    compiled = dpo_vs_trl.run_spec("ours_compile")
+    assert compiled["compute"] == "auto" and compiled["compile"] and not dpo_vs_trl.run_spec("ours")["compile"]
+    s, work = dpo_vs_trl.BenchSettings(), Path("/w")
+    command = dpo_vs_trl.dpo_command(s, work, work / "ours_compile", "auto", compiled["compile"])
+    assert command[command.index("--torch_compile") + 1] == "true"
     trl = dpo_vs_trl.run_spec("trl_precompute_bf16")
     assert trl["trl"] and trl["precompute"] and trl["compute"] == "bfloat16" and not trl["live_reference"]
     assert dpo_vs_trl.run_spec("trl")["live_reference"] and dpo_vs_trl.run_spec("trl")["compute"] == "float32"

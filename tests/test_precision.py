@@ -131,6 +131,23 @@ def test_bfloat16_dpo_losses_match_float32_and_the_saved_model_is_float32(shaped
         assert all(f.get_slice(k).get_dtype() == "F32" for k in f.keys())
 
 
+@pytest.mark.slow
+def test_compiled_layers_train_as_the_eager_ones_and_save_the_same_weights_names(shaped_model_dir, tmp_path):
+    """--torch_compile: the same losses as eager within float32 reordering (inductor fuses and reorders
+    the layers' elementwise work), and a saved model with the eager one's keys (compiled in place)."""
+    from torch._dynamo.utils import counters
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", pref_rows(32))
+    eager = dpo_run(shaped_model_dir, data, tmp_path / "eager", "float32")
+    counters.clear()
+    compiled = dpo_run(shaped_model_dir, data, tmp_path / "compiled", "float32", torch_compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(eager, compiled)) < 1e-4
+    with safe_open(str(tmp_path / "eager" / "model.safetensors"), framework="pt") as a, \
+            safe_open(str(tmp_path / "compiled" / "model.safetensors"), framework="pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+
+
 def test_a_bfloat16_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
     tokenizer = make_tokenizer()
     model_dir = save_model_dir(tmp_path / "model", tokenizer)
