@@ -100,6 +100,17 @@ def test_two_processes_give_the_same_steps_and_weights_as_one(uninterrupted, tin
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
 
 
+def test_two_processes_with_compiled_layers_give_the_steps_of_one(uninterrupted, tiny_model_dir, tiny_prefs_jsonl,
+                                                                  tmp_path):
+    """--torch_compile under FSDP2: each layer's compiled forward runs between FSDP2's hooks (which stay
+    eager, on the module), so the sharded run trains as the eager one process does, within float32
+    reordering."""
+    out = tmp_path / "two"
+    check(run(TORCHRUN + ["dpo.py"] + dpo_args(tiny_model_dir, tiny_prefs_jsonl, out, "--torch_compile", "true")))
+    one, two = losses(uninterrupted), losses(out)
+    assert len(one) == len(two) == 7 and max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
+
+
 def test_sft_two_processes_give_the_same_steps_as_one(tiny_model_dir, tiny_sft_jsonl, tmp_path):
     args = ["--model", str(tiny_model_dir), "--data", str(tiny_sft_jsonl), "--batch_size", "8", "--max_steps", "4",
             "--lr", "3e-3", "--compute_dtype", "float32"]
