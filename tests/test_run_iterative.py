@@ -196,7 +196,7 @@ def test_the_environment_wins_over_the_recipe(tmp_path):
 def test_the_smollm2_recipe_runs_plain_dpo_in_its_own_directory_without_ilrdpos_margin():
     ilrdpo, plain = dry_run("configs/smollm2.env", K="1"), dry_run("configs/smollm2.env", K="1", LOSS="dpo")
     assert ilrdpo.returncode == 0 and plain.returncode == 0, plain.stderr
-    assert "--alpha 0.05" in ilrdpo.stdout and "--alpha" not in plain.stdout
+    assert "--alpha 0.15" in ilrdpo.stdout and "--alpha" not in plain.stdout
     assert "runs/smollm2/ilrdpo/iter1" in ilrdpo.stdout and "runs/smollm2/dpo/iter1" in plain.stdout
 
 
