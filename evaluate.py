@@ -274,8 +274,10 @@ def model_pass(name: str, s: Settings, d, tokenizer, prompt_ids: list[list[int]]
     return responses, logps
 
 
-GOLD_ONLY = ("gold_fn", "gold_model", "gold_batch_size", "gold_max_length", "gold_text_format", "generator",
-             "output_dir", "wandb_project")
+# the settings that do not change a process's responses or log-probs: the gold scorer's, and where and
+# under what name the results go
+NOT_IN_RESPONSES = ("gold_fn", "gold_model", "gold_batch_size", "gold_max_length", "gold_text_format", "generator",
+                    "output_dir", "wandb_project")
 
 
 def responses_path(out: Path, rank: int) -> Path:
@@ -285,9 +287,9 @@ def responses_path(out: Path, rank: int) -> Path:
 
 
 def responses_key(s: Settings, rows: list[dict], indices: list[int]) -> dict:
-    """What a process's responses and log-probs depend on: every setting but the gold scorer's, the
+    """What a process's responses and log-probs depend on: every setting but NOT_IN_RESPONSES, the
     two models' files, the prompts and which of them the process has."""
-    return {**{k: v for k, v in dataclasses.asdict(s).items() if k not in GOLD_ONLY},
+    return {**{k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_IN_RESPONSES},
             "model_files": model_fingerprint(s.model), "sft_model_files": model_fingerprint(s.sft_model),
             "rows": rows_fingerprint(rows), "indices": indices}
 
