@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import typing
@@ -94,6 +95,13 @@ def check_train_settings(s: TrainSettings, d: Dist) -> None:
         raise UserError(f"--lr {s.lr}: need 0 < lr < 1e30")
     if not (0 <= s.weight_decay < math.inf and 0 <= s.max_grad_norm < math.inf):
         raise UserError(f"--weight_decay {s.weight_decay}, --max_grad_norm {s.max_grad_norm}: need finite values >= 0")
+    # inductor builds its CPU kernels with the first of $CXX and g++ that it finds (its config.cpp.cxx);
+    # without either the first step would fail, after the reference pass, in a long traceback
+    if s.torch_compile and d.device.type == "cpu":
+        compilers = [c for c in (os.environ.get("CXX"), "g++") if c]
+        if not any(shutil.which(c) for c in compilers):
+            raise UserError(f"--torch_compile on CPU needs a C++ compiler, and none of {', '.join(compilers)} is on "
+                            "PATH (install g++ or set CXX), or leave --torch_compile off")
 
 
 def lr_at(step: int, s: TrainSettings, total_steps: int) -> float:

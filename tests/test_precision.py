@@ -148,6 +148,18 @@ def test_compiled_layers_train_as_the_eager_ones_and_save_the_same_weights_names
         assert sorted(a.keys()) == sorted(b.keys())
 
 
+def test_compiled_layers_without_a_cpu_compiler_are_refused_before_any_step(shaped_model_dir, tmp_path,
+                                                                            monkeypatch):
+    from brevity.config import UserError
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", pref_rows(32))
+    monkeypatch.setenv("CXX", "no-such-c++")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ either
+    with pytest.raises(UserError, match=r"needs a C\+\+ compiler, and none of no-such-c\+\+, g\+\+ is on PATH"):
+        dpo_run(shaped_model_dir, data, tmp_path / "out", "float32", torch_compile=True)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_a_bfloat16_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
     tokenizer = make_tokenizer()
     model_dir = save_model_dir(tmp_path / "model", tokenizer)
