@@ -7,9 +7,9 @@
 
 The stage: read pairs -> tokenize (the prompt once, each response separately, so the response mask
 is exact) -> reference log-probs in one pass before training, cached in output_dir (the reference
-model is never in memory beside the policy; reference-free losses skip it) -> train (chosen and
-rejected through the model in one forward, length-bucketed batches, dropout off) -> save a Hugging
-Face directory. `--loss NAME` picks the objective (`a+b`: their weighted sum, each part logged as
+model is never in memory beside the policy; reference-free losses skip it) -> train (a pair is one
+row, prompt + chosen + rejected, so the prompt goes through the model once for both; length-bucketed
+batches, dropout off) -> save a Hugging Face directory. `--loss NAME` picks the objective (`a+b`: their weighted sum, each part logged as
 loss/NAME) and its hyperparameters become flags with that loss's defaults (`--beta`, `--alpha`, ...);
 a hyperparameter the loss does not have is an error. The options of losses.Objective are flags too:
 with LD-DPO or SamPO the policy and the cached reference log-probs are per token, with WPO the policy
@@ -36,8 +36,8 @@ from brevity.fsdp import clip_grad_norm, set_gradient_sync, wrap_policy
 from brevity.logprobs import response_logps
 from brevity.generation import response_seed
 from brevity.models import (DTYPES, check_model_dir, check_same_vocabulary, compute_dtype, load_model, load_tokenizer,
-                            model_fingerprint, model_vocab_size, release_memory, safetensors_problem)
-from brevity.tokens import collate, encode_prompts, encode_responses, fit_to_length, padding_id, vocab_sha256
+                            model_fingerprint, release_memory, safetensors_problem, sliding_window_below, text_config)
+from brevity.tokens import collate, collate_pairs, encode_prompts, encode_responses, fit_to_length, padding_id, vocab_sha256
 from brevity.training import TrainSettings, adamw, all_reduce_sums, set_lr, start_training
 from losses import LOSSES, Objective, Term, loss_hyperparameters, objective_losses
 
@@ -71,6 +71,8 @@ class Settings(TrainSettings):
     ref_model_sync_steps: int = setting(512, "TR-DPO's tau: steps between reference updates (TRL's default)")
     lr: float = setting(5e-7, "peak learning rate (AdamW); 5e-7 is the 3D-properties paper's DPO setting")
     warmup_steps: int = setting(10, "linear warm-up steps")
+    shared_prompt: bool = setting(True, "a pair as one row, prompt + chosen + rejected, the prompt computed once for "
+                                        "both (a [B, T, T] mask keeps the responses apart); false: two sequences")
 
 
 def loss_settings(loss: str) -> type:
@@ -211,15 +213,36 @@ def describe(stats: dict, s: Settings) -> str:
                f"{stats['dropped_too_long']} pairs dropped (a response would pass max_length {s.max_length})"))
 
 
-def pair_tokens(pairs: list[tuple], batch: list[int]) -> int:
-    """Non-pad tokens of the chosen and rejected sequences of a batch."""
-    return sum(2 * len(pairs[i][0]) + len(pairs[i][1]) + len(pairs[i][2]) for i in batch)
+def shared_prompt_setting(s: Settings, configs: list) -> Settings:
+    """`s`, with --shared_prompt off (and a line saying why) where a model's sliding attention window is
+    shorter than --max_length: the pair's own mask would replace the window the model masks with."""
+    windows = [w for w in (sliding_window_below(c, s.max_length) for c in configs) if w]
+    if not (s.shared_prompt and windows):
+        return s
+    print(f"--shared_prompt off: the model attends within a window of {windows[0]} tokens, less than "
+          f"--max_length {s.max_length}; chosen and rejected go through it as two sequences")
+    return dataclasses.replace(s, shared_prompt=False)
 
 
-def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str, compute: torch.dtype, per_token: bool = False) -> str:
-    """Changes with the tokenized pairs, the reference model's files, the dtype, the compute dtype and
-    what is cached (sums per response, or the log-prob of every token), so a cache of another kind is a miss."""
-    layout = "per-token" if per_token else "sums"
+def row_lengths(pairs: list[tuple], shared_prompt: bool) -> list[int]:
+    """What each pair pads its batch to, the key of the length buckets: prompt + chosen + rejected in
+    one row, or prompt + the longer response in two."""
+    return [len(p) + (len(c) + len(r) if shared_prompt else max(len(c), len(r))) for p, c, r in pairs]
+
+
+def pair_tokens(pairs: list[tuple], batch: list[int], shared_prompt: bool = False) -> int:
+    """Non-pad tokens of the chosen and rejected sequences of a batch; with `shared_prompt`, those the
+    model computes (each prompt once)."""
+    return sum((1 if shared_prompt else 2) * len(pairs[i][0]) + len(pairs[i][1]) + len(pairs[i][2]) for i in batch)
+
+
+def ref_cache_key(pairs: list[tuple], ref_model: str, dtype: str, compute: torch.dtype, per_token: bool = False,
+                  shared_prompt: bool = True) -> str:
+    """Changes with the tokenized pairs, the reference model's files, the dtype, the compute dtype, what
+    is cached (sums per response, or the log-prob of every token) and the rows it was computed in (a
+    pair per row or a sequence per row: the same values up to rounding, but the policy's first step
+    should see its own), so a cache of another kind is a miss."""
+    layout = ("per-token" if per_token else "sums") + (" shared-prompt" if shared_prompt else "")
     h = hashlib.sha256(f"{model_fingerprint(ref_model)}\n{dtype}\n{compute}\n{layout}\n".encode())
     for p, c, r in pairs:
         h.update(json.dumps([p, c, r], separators=(",", ":")).encode())
@@ -260,15 +283,16 @@ def reference_logps(pairs: list[tuple], s: Settings, pad_id: int, d,
     """
     path, name = Path(s.output_dir) / REF_CACHE, s.ref_model or s.model
     compute = compute_dtype(s.compute_dtype, d.device.type)  # the policy's: equal log-probs at step 0
-    key = ref_cache_key(pairs, name, s.dtype, compute, per_token)
+    key = ref_cache_key(pairs, name, s.dtype, compute, per_token, s.shared_prompt)
     if (cached := read_ref_cache(path, key)) is not None:
         return (*cached, 0.0)
     began = time.time()
     reference = wrap_policy(load_model(name, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
                             compute_dtype=compute)
-    batch = 2 * s.batch_size // (d.world_size * s.grad_accum)
-    logps = response_logps(reference, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], batch, pad_id, d,
-                           per_token)
+    micro = s.batch_size // (d.world_size * s.grad_accum)  # the policy's rows: a pair, or its two sequences
+    logps = (response_logps(reference, pairs, micro, pad_id, d, per_token) if s.shared_prompt else
+             response_logps(reference, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], 2 * micro,
+                            pad_id, d, per_token))
     del reference
     release_memory()
     split = sum(len(c) for _, c, _ in pairs) if per_token else len(pairs)
@@ -322,8 +346,9 @@ def accumulate_gradients(policy, pairs: list[tuple], batch: list[int], step: int
     micro = micro_batches(batch, d.world_size, d.rank, s.grad_accum)
     for micro_step, ids in enumerate(micro):
         set_gradient_sync(policy, micro_step == len(micro) - 1)
-        inputs = collate([(pairs[i][0], pairs[i][1]) for i in ids] + [(pairs[i][0], pairs[i][2]) for i in ids], pad_id,
-                         d.device)
+        inputs = ([collate_pairs([pairs[i] for i in ids], pad_id, d.device)] if s.shared_prompt else
+                  collate([(pairs[i][0], pairs[i][1]) for i in ids] + [(pairs[i][0], pairs[i][2]) for i in ids],
+                          pad_id, d.device))
         out = policy(*inputs, per_token=per_token, sum_sq=sum_sq)  # chosen then rejected: one forward
         logps, log_sum_sq = out if sum_sq else (out, None)
         tensors = {"policy_chosen_logps": logps[:len(ids)], "policy_rejected_logps": logps[len(ids):],
@@ -366,6 +391,8 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
         if model:
             check_model_dir(model)
     objective = build_objective(s, hyperparameters)  # its hyperparameters checked before anything is written
+    config = text_config(s.model, s.trust_remote_code)
+    s = shared_prompt_setting(s, [config] + ([text_config(s.ref_model, s.trust_remote_code)] if s.ref_model else []))
     if (run := start_training(s, "dpo", unit="pairs", keep=(REF_CACHE,))) is None:
         return None
     d, needs = run.d, objective.needs
@@ -374,7 +401,7 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
     if s.ref_model and "reference" in objective.needs:
         check_same_vocabulary(tokenizer, s.model, s.ref_model, "--ref_model", s.trust_remote_code)
     rows = load_rows(s.data, PAIR_FIELDS)
-    pairs, stats = encode_pairs(rows, tokenizer, s, model_vocab_size(s.model, s.trust_remote_code))
+    pairs, stats = encode_pairs(rows, tokenizer, s, config.vocab_size)
     run.plan(len(pairs), stats, describe(stats, s), s, hyperparameters, data_hash=rows_fingerprint(rows),
              what=describe_objective(s, hyperparameters))
     # before the policy exists (one model in memory at a time) and before a checkpoint is loaded into it
@@ -391,7 +418,7 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
                                        s.chunk_size, compute_dtype=compute_dtype(s.compute_dtype, d.device.type))
     optimizer = adamw(policy, s)
     run.resume(policy, optimizer, live)
-    for step, batch in run.steps([len(p) + max(len(c), len(r)) for p, c, r in pairs]):
+    for step, batch in run.steps(row_lengths(pairs, s.shared_prompt)):
         lr = set_lr(optimizer, run.lr(step))
         sums = accumulate_gradients(policy, pairs, batch, step, objective, reference, s, padding_id(tokenizer), d)
         grad_norm = clip_grad_norm(policy, s.max_grad_norm)
@@ -401,8 +428,8 @@ def main(s: Settings, hyperparameters) -> torch.nn.Module | None:
         optimizer.zero_grad(set_to_none=True)
         if live is not None and (step + 1) % s.ref_model_sync_steps == 0:
             sync_reference(live, policy, s.ref_model_mixup_alpha)
-        run.log_step(step, batch, {"lr": lr, **means, "grad_norm": grad_norm, "tokens": pair_tokens(pairs, batch)},
-                     policy, optimizer, live)
+        tokens = {"tokens": pair_tokens(pairs, batch), "model_tokens": pair_tokens(pairs, batch, s.shared_prompt)}
+        run.log_step(step, batch, {"lr": lr, **means, "grad_norm": grad_norm, **tokens}, policy, optimizer, live)
     run.finish(policy, tokenizer, {"ref_logps_s": 0.0 if ref is None else ref[2]})
     return policy.model
 

@@ -8,8 +8,9 @@
 The harness builds a random-init Llama (from a LlamaConfig), a word-level tokenizer and synthetic
 preference pairs with long-tailed lengths, then trains once per run, each in its own process:
 `ours` (dpo.py `--loss dpo` with its default `--compute_dtype auto`: bf16 on GPU and on CPUs with
-bf16 instructions), `ours_fp32` (dpo.py `--compute_dtype float32`), `ours_compile` (`ours` with
-`--torch_compile`: its compile time falls in the warm-up steps and the epoch), and TRL's DPOTrainer four
+bf16 instructions), `ours_two_rows` (`ours` with `--shared_prompt false`: chosen and rejected as two
+padded sequences, as TRL has them), `ours_fp32` (dpo.py `--compute_dtype float32`), `ours_compile`
+(`ours` with `--torch_compile`: its compile time falls in the warm-up steps and the epoch), and TRL's DPOTrainer four
 ways: `trl` (its defaults: a live reference model, fp32), `trl_bf16` (`bf16=True`: autocast, as
 its Trainer does on CPU and GPU), `trl_precompute` and `trl_precompute_bf16`
 (`precompute_ref_log_probs=True`). Everything that can be matched is: seed, the pairs (one epoch
@@ -18,8 +19,9 @@ AdamW at the same lr, constant schedule, grad-norm clip 1.0, fp32 master weights
 checkpointing (on by default on both sides; --activation_checkpointing false turns it off on both),
 no eval, no saving, dataloader workers 0, and the same number of intra-op threads
 (`OMP_NUM_THREADS`, `torch.set_num_threads`). What differs is each side's own way: dpo.py computes
-the reference log-probs in one length-sorted pass, buckets its batches by length and runs the LM
-head on response tokens only; TRL goes through the pairs in dataset order.
+the reference log-probs in one length-sorted pass, puts a pair in one row with its prompt once,
+buckets its batches by length and runs the LM head on response tokens only; TRL goes through the
+pairs in dataset order, each pair as two sequences.
 
 What is measured, the same way for every run:
   - pairs/s and tokens/s over the epoch: every pair over (reference log-probs + every training
@@ -30,7 +32,9 @@ What is measured, the same way for every run:
     (bucketing), so compare tokens/s there.
   - MFU of the timed steps: the useful FLOPs over their time over the peak FLOP/s of the precision
     the run computes in. Useful FLOPs per training step: 6 x (decoder-layer and final-norm
-    parameters x tokens + LM-head parameters x response tokens), the head only where a log-prob is
+    parameters x the tokens the model computes + LM-head parameters x response tokens; with dpo.py's
+    shared prompt a pair's prompt counts once, so MFU is what the run makes of the hardware, and
+    its lead in pairs/s includes what it saves), the head only where a log-prob is
     used; the input embedding (a lookup) and attention's T^2 terms are not counted, nor is
     recomputation (activation checkpointing) or the LM head over prompt and padding positions; a
     live reference forward adds 2 x the same. On CPU the peak is measured here, in this process
@@ -100,7 +104,7 @@ class BenchSettings:
     threads: int = 2  # intra-op CPU threads for every run (OMP_NUM_THREADS and torch.set_num_threads)
     nproc: int = 1  # GPU only: dpo.py processes under torchrun (FSDP2); TRL runs on one device
     peak_tflops: float = 989.0  # GPU: per-device dense peak for MFU (H100 SXM bf16); on CPU the bench measures it
-    runs: str = "ours,ours_fp32,ours_compile,trl,trl_bf16,trl_precompute,trl_precompute_bf16"  # comma-separated
+    runs: str = "ours,ours_two_rows,ours_fp32,ours_compile,trl,trl_bf16,trl_precompute,trl_precompute_bf16"  # comma-separated
     work_dir: str = "runs/bench_dpo"  # model, data and run outputs (rebuilt on every call)
     runner: str = ""  # internal: "trl" runs one TRL training in this process
     precompute: bool = False  # internal: TRL's precompute_ref_log_probs
@@ -263,15 +267,15 @@ def child_env(s: BenchSettings) -> dict:
 
 
 def dpo_command(s: BenchSettings, work: Path, out: Path, compute_dtype: str,
-                torch_compile: bool = False) -> list[str]:
-    """dpo.py with the settings TRL gets below (and --torch_compile if asked)."""
+                torch_compile: bool = False, shared_prompt: bool = True) -> list[str]:
+    """dpo.py with the settings TRL gets below (and --torch_compile, --shared_prompt false if asked)."""
     n_steps = s.warmup + s.steps
     args = ["dpo.py", "--model", str(work / "model"), "--data", str(work / "pairs.jsonl"),
             "--output_dir", str(out), "--loss", "dpo", "--beta", str(s.beta), "--lr", str(s.lr),
             "--batch_size", str(s.batch_size), "--max_length", str(s.max_length), "--max_steps", str(n_steps),
             "--seed", str(s.seed), "--lr_schedule", "constant", "--warmup_steps", "0", "--save_every", "0",
             "--activation_checkpointing", str(s.activation_checkpointing).lower(), "--compute_dtype", compute_dtype,
-            "--torch_compile", str(torch_compile).lower()]
+            "--torch_compile", str(torch_compile).lower(), "--shared_prompt", str(shared_prompt).lower()]
     if s.device == "cuda":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(s.nproc),
                 *args]
@@ -285,6 +289,7 @@ def read_dpo_metrics(out: Path, batch_size: int) -> dict:
     steps = [r for r in rows if "step" in r and "loss" in r]
     summary = json.loads((out / "summary.json").read_text())
     return {"step_end": [r["time"] for r in steps], "step_tokens": [r.get("tokens") for r in steps],
+            "step_model_tokens": [r.get("model_tokens") for r in steps],
             "step_response_tokens": [round((r["length/chosen"] + r["length/rejected"]) * batch_size) for r in steps],
             "step_loss": [r["loss"] for r in steps],
             "train_start": summary["train_start"], "precompute_s": summary["ref_logps_s"]}
@@ -364,9 +369,11 @@ def run_spec(name: str) -> dict:
     """What a run name means: dpo.py ("ours", with --compute_dtype auto; "ours_fp32", "ours_bf16";
     "ours_compile", auto with --torch_compile) or TRL ("trl", with "_precompute" for precomputed
     reference log-probs and "_bf16" for bf16=True)."""
-    computes = {"ours": "auto", "ours_fp32": "float32", "ours_bf16": "bfloat16", "ours_compile": "auto"}
+    computes = {"ours": "auto", "ours_fp32": "float32", "ours_bf16": "bfloat16", "ours_compile": "auto",
+                "ours_two_rows": "auto"}
     if name in computes:
-        return {"trl": False, "compute": computes[name], "compile": name == "ours_compile", "live_reference": False}
+        return {"trl": False, "compute": computes[name], "compile": name == "ours_compile",
+                "shared_prompt": name != "ours_two_rows", "live_reference": False}
     for precompute in (False, True):
         for bf16 in (False, True):
             if name == trl_run_name(precompute, bf16):
@@ -428,9 +435,10 @@ def summarize(name: str, rec: dict, info: dict, s: BenchSettings, mem: dict, pea
     timed_s = ends[-1] - (ends[s.warmup - 1] if s.warmup else rec["train_start"])
     epoch_s = ends[-1] - rec["train_start"] + rec["precompute_s"]
     step_tokens, step_responses = rec["step_tokens"][s.warmup:], rec["step_response_tokens"][s.warmup:]
-    if any(t is None for t in step_tokens + step_responses):
+    model_tokens = rec.get("step_model_tokens", rec["step_tokens"])[s.warmup:]  # dpo.py: each prompt once, shared
+    if any(t is None for t in step_tokens + step_responses + model_tokens):
         raise SystemExit(f"{name}: a step without its token count")
-    flops = useful_flops(info, sum(step_tokens), sum(step_responses), run_spec(name)["live_reference"])
+    flops = useful_flops(info, sum(model_tokens), sum(step_responses), run_spec(name)["live_reference"])
     return {
         "run": name,
         "pairs_s": n * s.batch_size / epoch_s,
@@ -498,7 +506,8 @@ def main(s: BenchSettings) -> None:
     for name, spec in specs.items():
         print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks[-1].items()), flush=True)
         out = work / name
-        cmd = trl_command(s, work, spec) if spec["trl"] else dpo_command(s, work, out, spec["compute"], spec["compile"])
+        cmd = (trl_command(s, work, spec) if spec["trl"] else
+               dpo_command(s, work, out, spec["compute"], spec["compile"], spec["shared_prompt"]))
         out.mkdir(parents=True, exist_ok=True)
         print(f"running {name}: {' '.join(cmd)}", flush=True)
         mem = run_measured(cmd, env, out.parent / f"{name}.log", cuda)

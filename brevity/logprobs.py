@@ -9,7 +9,7 @@ import functools
 import torch
 
 from brevity.dist import all_reduce_sum
-from brevity.tokens import collate
+from brevity.tokens import ResponseBatch, collate, collate_pairs
 
 
 def _chunk_token_logps(lm_head, hidden, targets, sum_sq: bool = False):
@@ -46,58 +46,60 @@ def _chunked_logps(lm_head, hidden, targets, chunk_size: int, checkpoint_chunks:
     return tuple(torch.cat(parts, dim=dim) for parts in zip(*out)) if sum_sq else torch.cat(out, dim=dim)
 
 
-def _packed_response_logps(model, input_ids, attention_mask, response_mask, position_ids, chunk_size: int,
-                           sum_sq: bool = False):
-    """(log-probs of the batch's N response tokens [N], in row-major order; with `sum_sq` also log sum_v p_v^2
-    at each, else None; the [B, T-1] mask of the positions whose next token is a response token).
+def response_batch(input_ids, attention_mask, response_mask) -> ResponseBatch:
+    """`collate`'s right-padded rows as a `ResponseBatch`: one sequence per row, position t predicting
+    token t + 1 wherever that token is a response token."""
+    predicts = response_mask[:, 1:].bool()
+    rows, width = input_ids.shape
+    flat = torch.arange(rows * width, device=input_ids.device).view(rows, width)[:, :-1]
+    owner = torch.arange(rows, device=input_ids.device).unsqueeze(1).expand_as(predicts)
+    return ResponseBatch(input_ids, attention_mask, None, flat[predicts], flat[predicts] + 1, owner[predicts],
+                         (predicts.cumsum(1) - 1)[predicts], rows)
 
-    The LM head runs only where the next token is a response token: those hidden states are packed
-    into [N, H] and go through the head `chunk_size` tokens at a time, so prompt and padding positions
+
+def _packed_response_logps(model, batch: ResponseBatch, chunk_size: int, sum_sq: bool = False):
+    """(log-probs of the batch's N response tokens [N], in the order of `batch.source`; with `sum_sq`
+    also log sum_v p_v^2 at each, else None).
+
+    The LM head runs only on the hidden states that predict a response token: they are packed into
+    [N, H] and go through the head `chunk_size` tokens at a time, so prompt and padding positions
     cost no LM-head work and the peak is chunk_size x V floats.
     """
-    if bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all()):
+    mask = batch.attention_mask
+    if mask.dim() == 2 and bool((mask[:, :-1] >= mask[:, 1:]).all()):
         # Right padding: under the causal mask no real token sees a pad, so the plain causal mask
         # gives the real positions the same values, and attention can skip the blocks above the
         # diagonal instead of reading an explicit [B, T, T] mask everywhere.
-        attention_mask = None
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False).last_hidden_state
-    predicts_response = response_mask[:, 1:].bool()  # hidden state t predicts token t + 1
-    out = _chunked_logps(model.get_output_embeddings(), hidden[:, :-1][predicts_response],
-                         input_ids[:, 1:][predicts_response], chunk_size, torch.is_grad_enabled(), sum_sq)
-    logps, log_sum_sq = out if sum_sq else (out, None)
-    return logps, log_sum_sq, predicts_response
+        mask = None
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                                 use_cache=False).last_hidden_state
+    out = _chunked_logps(model.get_output_embeddings(), hidden.flatten(0, 1)[batch.source],
+                         batch.input_ids.flatten()[batch.target], chunk_size, torch.is_grad_enabled(), sum_sq)
+    return out if sum_sq else (out, None)
 
 
-def sequence_logps(model, input_ids, attention_mask, response_mask, position_ids=None, chunk_size: int = 1024):
-    """Sum of response-token log-probs per sequence, float32 [B]; `response_mask` [B, T] marks the
-    tokens of `input_ids` that belong to the response (EOS included)."""
-    logps, _, predicts = _packed_response_logps(model, input_ids, attention_mask, response_mask, position_ids,
-                                                chunk_size)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts)
-    return logps.new_zeros(input_ids.shape[0]).index_add(0, rows[predicts], logps)
+def sequence_logps(model, batch: ResponseBatch, chunk_size: int = 1024):
+    """Sum of response-token log-probs per sequence, float32 [batch.sequences]."""
+    logps, _ = _packed_response_logps(model, batch, chunk_size)
+    return logps.new_zeros(batch.sequences).index_add(0, batch.owner, logps)
 
 
-def token_logps(model, input_ids, attention_mask, response_mask, position_ids=None, chunk_size: int = 1024,
-                sum_sq: bool = False):
-    """Response-token log-probs per token, float32 [B, R] (R: the batch's longest response): column t is the
-    response's t-th token (EOS included), zeros past its end. With `sum_sq`, also log sum_v pi(v | x, y_<t)^2
-    at each token, [B, R] without gradient (WPO's weights): a pair of tensors."""
-    logps, log_sum_sq, predicts = _packed_response_logps(model, input_ids, attention_mask, response_mask,
-                                                         position_ids, chunk_size, sum_sq)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts)[predicts]
-    columns = (predicts.cumsum(1) - 1)[predicts]
-    shape = (input_ids.shape[0], int(predicts.sum(1).max()) if predicts.numel() else 0)
+def token_logps(model, batch: ResponseBatch, chunk_size: int = 1024, sum_sq: bool = False):
+    """Response-token log-probs per token, float32 [batch.sequences, R] (R: the longest response): column t
+    is the response's t-th token (EOS included), zeros past its end. With `sum_sq`, also log sum_v
+    pi(v | x, y_<t)^2 at each token, [S, R] without gradient (WPO's weights): a pair of tensors."""
+    logps, log_sum_sq = _packed_response_logps(model, batch, chunk_size, sum_sq)
+    shape = (batch.sequences, int(batch.column.max()) + 1 if batch.column.numel() else 0)
 
     def unpack(values):
-        return values.new_zeros(shape).index_put((rows, columns), values)
+        return values.new_zeros(shape).index_put((batch.owner, batch.column), values)
 
     return (unpack(logps), unpack(log_sum_sq)) if sum_sq else unpack(logps)
 
 
 class SequenceLogps(torch.nn.Module):
-    """A causal LM whose forward returns per-sequence response log-probs, float32 [B]
-    (`sequence_logps`), or with `per_token` per-token ones [B, R] (`token_logps`, and its `sum_sq`),
+    """A causal LM whose forward returns per-sequence response log-probs, float32 [S]
+    (`sequence_logps`), or with `per_token` per-token ones [S, R] (`token_logps`, and its `sum_sq`),
     under autocast to `autocast_dtype` when given (the matrix multiplies and attention in that dtype,
     the log-softmax and the sums in float32).
 
@@ -112,44 +114,53 @@ class SequenceLogps(torch.nn.Module):
         self.chunk_size = chunk_size
         self.autocast_dtype = autocast_dtype
 
-    def forward(self, input_ids, attention_mask, response_mask, per_token: bool = False, sum_sq: bool = False):
-        autocast = (torch.autocast(input_ids.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+    def forward(self, *batch, per_token: bool = False, sum_sq: bool = False):
+        """`batch`: `collate`'s (input_ids, attention_mask, response_mask), or one `ResponseBatch`."""
+        batch = batch[0] if len(batch) == 1 else response_batch(*batch)
+        autocast = (torch.autocast(batch.input_ids.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
             if per_token:
-                return token_logps(self.model, input_ids, attention_mask, response_mask, chunk_size=self.chunk_size,
-                                   sum_sq=sum_sq)
-            return sequence_logps(self.model, input_ids, attention_mask, response_mask, chunk_size=self.chunk_size)
+                return token_logps(self.model, batch, chunk_size=self.chunk_size, sum_sq=sum_sq)
+            return sequence_logps(self.model, batch, chunk_size=self.chunk_size)
 
 
 @torch.no_grad()
-def response_logps(policy: SequenceLogps, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+def response_logps(policy: SequenceLogps, examples: list[tuple[list[int], ...]], batch_size: int, pad_id: int,
                    d=None, per_token: bool = False) -> torch.Tensor:
-    """logp(response | prompt) of every (prompt ids, response ids) pair, float32 [N] on CPU; with
+    """logp(response | prompt) of every (prompt ids, response ids) example, float32 [N] on CPU; with
     `per_token`, the log-prob of every response token instead, float32 [sum of the response lengths]:
-    example after example, each response's tokens in order.
+    example after example, each response's tokens in order. Examples given as (prompt ids, chosen
+    ids, rejected ids) triples go through the model as `collate_pairs` rows, the prompt once for both,
+    and count as their chosen examples followed by their rejected ones ([2N], or every chosen token
+    then every rejected token).
 
-    Batches of `batch_size` sequences sorted by length. With `d` (a `dist.Dist` of several processes)
-    the examples are split over the processes and every process gets all N values; under FSDP every
+    Batches of `batch_size` examples sorted by length. With `d` (a `dist.Dist` of several processes)
+    the examples are split over the processes and every process gets all values; under FSDP every
     process must run every forward, so one without a share of the last group recomputes an example
     of it. Without `d`, this process computes them all.
     """
     rank, world = (d.rank, d.world_size) if d else (0, 1)
     device = next(policy.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]) + len(examples[i][1]))
-    lengths = torch.tensor([len(r) for _, r in examples]) if per_token else torch.ones(len(examples), dtype=torch.long)
+    paired = bool(examples) and len(examples[0]) == 3
+    responses = [e[1] for e in examples] + ([e[2] for e in examples] if paired else [])
+    order = sorted(range(len(examples)), key=lambda i: sum(len(part) for part in examples[i]))
+    lengths = torch.tensor([len(r) for r in responses]) if per_token else torch.ones(len(responses), dtype=torch.long)
     starts = torch.cumsum(lengths, 0) - lengths
-    total, count = torch.zeros(int(lengths.sum())), torch.zeros(len(examples))
+    total, count = torch.zeros(int(lengths.sum())), torch.zeros(len(responses))
     group = batch_size * world
     for start in range(0, len(order), group):
         ids = order[start:start + group][rank * batch_size:(rank + 1) * batch_size] or order[start:start + 1]
-        values = policy(*collate([examples[i] for i in ids], pad_id, device), per_token=per_token).float().cpu()
+        batch = ([collate_pairs([examples[i] for i in ids], pad_id, device)] if paired
+                 else collate([examples[i] for i in ids], pad_id, device))
+        values = policy(*batch, per_token=per_token).float().cpu()
+        outputs = ids + [len(examples) + i for i in ids] if paired else ids
         if per_token:
-            for row, i in enumerate(ids):
-                total[starts[i]:starts[i] + lengths[i]] += values[row, :lengths[i]]
+            for row, k in enumerate(outputs):
+                total[starts[k]:starts[k] + lengths[k]] += values[row, :lengths[k]]
         else:
-            total[ids] += values
-        count[ids] += 1
+            total[outputs] += values
+        count[outputs] += 1
     if world > 1:
         # A forward without backward leaves FSDP2's root parameters gathered and registered in place
         # of the sharded ones; put the sharded ones back (what an optimizer must hold).

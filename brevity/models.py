@@ -243,12 +243,25 @@ def final_model_exists(out_dir: str | os.PathLike) -> bool:
                                                                             "model.safetensors.index.json"))
 
 
+def text_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model's config (its text model's, for a multimodal one)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).get_text_config()
+
+
 def model_vocab_size(name_or_path: str, trust_remote_code: bool = False) -> int:
     """How many token ids the model reads: its config's vocab_size, often more than the tokenizer's
     tokens (embedding rows padded to a multiple of 8 or 64), all of which a sampler can emit."""
-    from transformers import AutoConfig
+    return text_config(name_or_path, trust_remote_code).vocab_size
 
-    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+
+def sliding_window_below(config, max_length: int) -> int | None:
+    """The config's attention window if some of its layers attend over fewer than `max_length` tokens
+    (Mistral's, Gemma's sliding windows), else None: a custom [B, 1, T, T] mask replaces the mask the
+    model would build itself, window included."""
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and 0 < window < max_length else None
 
 
 def config_vocab_size(name_or_path: str, trust_remote_code: bool = False) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 
 import torch
 
@@ -146,3 +147,54 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device=Non
     ids, attn, resp = pad_batch([p + r for p, r in examples], [[0] * len(p) + [1] * len(r) for p, r in examples],
                                 pad_id)
     return ids.to(device), attn.to(device), resp.to(device)
+
+
+class ResponseBatch(typing.NamedTuple):
+    """Decoder inputs and where the response tokens are in them.
+
+    input_ids [B, T]; attention_mask [B, T] (1 on tokens) or [B, 1, T, T] bool (True: may attend);
+    position_ids [B, T] or None (0, 1, 2, ... in every row). For each of the N response tokens whose
+    log-prob is taken: `source`, the flat index into [B * T] of the hidden state that predicts it;
+    `target`, the flat index of the token; `owner`, its sequence (0 .. sequences - 1); `column`, its
+    index among its sequence's scored response tokens.
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor | None
+    source: torch.Tensor
+    target: torch.Tensor
+    owner: torch.Tensor
+    column: torch.Tensor
+    sequences: int
+
+
+def collate_pairs(triples: list[tuple[list[int], list[int], list[int]]], pad_id: int, device=None) -> ResponseBatch:
+    """B (prompt ids, chosen ids, rejected ids) triples as 2B sequences (chosen ones, then rejected ones)
+    in B rows: the prompt once, the chosen response, the rejected one, padding. The prompt goes through
+    the model once for both, and the rows are as long as prompt + chosen + rejected, where two
+    sequences per pair (`collate`) pad both to the batch's longest prompt + response.
+
+    A rejected token has the position it would have right after the prompt, and the mask is causal
+    except that rejected tokens do not see chosen ones, so every hidden state is the one its own
+    (prompt, response) sequence gives; the prompt's last hidden state predicts both responses' first
+    tokens. As in `collate`, nothing predicts a response's first token after an empty prompt.
+    """
+    n, width = len(triples), max(len(p) + len(c) + len(r) for p, c, r in triples)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    positions = torch.arange(width).repeat(n, 1)
+    part = torch.full((n, width), 3)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    source, target, owner, column = [], [], [], []
+    for b, (p, c, r) in enumerate(triples):
+        P, C, R, row, first = len(p), len(c), len(r), b * width, 0 if p else 1
+        ids[b, :P + C + R] = torch.tensor(p + c + r)
+        part[b, :P], part[b, P:P + C], part[b, P + C:P + C + R] = 0, 1, 2
+        positions[b, P + C:P + C + R] -= C
+        source += [row + P - 1 + j for j in range(first, C)]
+        source += [row + (P - 1 if j == 0 else P + C + j - 1) for j in range(first, R)]
+        target += [row + P + j for j in range(first, C)] + [row + P + C + j for j in range(first, R)]
+        owner += [b] * (C - first) + [n + b] * (R - first)
+        column += list(range(C - first)) + list(range(R - first))
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = causal & ~((part.unsqueeze(2) == 2) & (part.unsqueeze(1) == 1))
+    index = (torch.tensor(v, dtype=torch.long) for v in (source, target, owner, column))
+    return ResponseBatch(*(t.to(device) for t in (ids, mask.unsqueeze(1), positions, *index)), sequences=2 * n)

@@ -74,6 +74,19 @@ def test_mfu_counts_the_head_on_response_tokens_and_a_live_reference_forward():
         assert abs(row["mfu"] - flops / 3 / 10_000) < 1e-9, name
 
 
+def test_mfu_counts_the_tokens_the_model_computes_a_shared_prompt_once():
+    """dpo.py's record gives the tokens its model computed (each prompt once) beside the sequences'
+    tokens: 55 of the timed steps' 70, so 6 x (100 x 55 + 10 x 13) = 33,780 FLOPs; tokens/s stays 70 / 3."""
+    s = dpo_vs_trl.BenchSettings(steps=2, warmup=1, batch_size=2)
+    record = {"step_end": [11.0, 12.0, 14.0], "step_tokens": [20, 30, 40], "step_model_tokens": [15, 25, 30],
+              "step_response_tokens": [5, 6, 7], "step_loss": [0.7, 0.6, 0.5], "train_start": 10.0,
+              "precompute_s": 0.0}
+    info = {"body_params": 100, "head_params": 10, "tokens_per_pair": [10] * 6}
+    row = dpo_vs_trl.summarize("ours", record, info, s, {}, peak_flops=10_000)
+    assert abs(row["mfu"] - 33_780 / 3 / 10_000) < 1e-9
+    assert abs(row["step_tokens_s"] - 70 / 3) < 1e-9
+
+
 def test_run_names_say_what_each_run_computes_in():
     assert dpo_vs_trl.run_spec("ours")["compute"] == "auto"
     assert dpo_vs_trl.run_spec("ours_fp32")["compute"] == "float32"
@@ -82,6 +95,10 @@ def test_run_names_say_what_each_run_computes_in():
     s, work = dpo_vs_trl.BenchSettings(), Path("/w")
     command = dpo_vs_trl.dpo_command(s, work, work / "ours_compile", "auto", compiled["compile"])
     assert command[command.index("--torch_compile") + 1] == "true"
+    two_rows = dpo_vs_trl.run_spec("ours_two_rows")
+    assert dpo_vs_trl.run_spec("ours")["shared_prompt"] and not two_rows["shared_prompt"]
+    command = dpo_vs_trl.dpo_command(s, work, work / "ours_two_rows", "auto", shared_prompt=two_rows["shared_prompt"])
+    assert command[command.index("--shared_prompt") + 1] == "false"
     trl = dpo_vs_trl.run_spec("trl_precompute_bf16")
     assert trl["trl"] and trl["precompute"] and trl["compute"] == "bfloat16" and not trl["live_reference"]
     assert dpo_vs_trl.run_spec("trl")["live_reference"] and dpo_vs_trl.run_spec("trl")["compute"] == "float32"

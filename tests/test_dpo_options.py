@@ -97,8 +97,7 @@ def test_the_first_step_loss_is_the_objective_on_the_models_own_log_probs(flags,
     argv = ["--loss", "dpo", "--beta", "0.5", *flags]
     s, hyper = parse_settings(dpo.settings_classes(argv), argv)
     pairs, _ = dpo.encode_pairs([json.loads(x) for x in tiny_prefs_jsonl.read_text().splitlines()], tiny_tokenizer, s)
-    _, batch = next(global_batches([len(p) + max(len(c), len(r)) for p, c, r in pairs], 8, s.seed, s.bucket_batches,
-                                   0, 1))
+    _, batch = next(global_batches(dpo.row_lengths(pairs, s.shared_prompt), 8, s.seed, s.bucket_batches, 0, 1))
     policy, reference = load_model(str(policy_dir)), load_model(str(ref_dir))
     tensors = {}
     for side, k in (("chosen", 1), ("rejected", 2)):

@@ -124,7 +124,9 @@ def test_bfloat16_dpo_losses_match_float32_and_the_saved_model_is_float32(shaped
     data = write_jsonl(tmp_path / "prefs.jsonl", pref_rows(32))
     full = dpo_run(shaped_model_dir, data, tmp_path / "fp32", "float32")
     mixed = dpo_run(shaped_model_dir, data, tmp_path / "bf16", "bfloat16")
-    assert abs(mixed[0]["loss"] - math.log(2)) < 1e-6 and abs(mixed[0]["rewards/margin"]) < 1e-6
+    # Step 0: the reference is the policy, computed in bfloat16 too, but in the reference pass's batches, whose
+    # padded widths differ from the step's; a bfloat16 log-prob moves with its batch's width by ~1e-5 relative.
+    assert abs(mixed[0]["loss"] - math.log(2)) < 1e-4 and abs(mixed[0]["rewards/margin"]) < 1e-3
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(full, mixed)) < 2e-3
     assert any(a["loss"] != b["loss"] for a, b in zip(full, mixed))  # it did compute in bfloat16
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="pt") as f:
