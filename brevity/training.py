@@ -177,6 +177,18 @@ def unmap_large_blocks_when_freed(threshold: int = 4 << 20) -> None:
         ctypes.CDLL(None).mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the raising
 
 
+def trim_heap() -> None:
+    """Hand the free pages of glibc's heap back to the OS (malloc_trim), as between two training steps:
+    what a step freed below the mmap threshold (`unmap_large_blocks_when_freed`) stays mapped, in
+    fragments the next step's other sizes reuse only in part, so the resident size creeps up step
+    after step (BENCHMARKS.md). A pass over the free lists, milliseconds; a no-op without glibc."""
+    import ctypes
+
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
+
+
 def adamw(policy, s: TrainSettings) -> torch.optim.AdamW:
     """AdamW over the policy's parameters (betas 0.9/0.999), fused: one pass per step over each
     parameter, its gradient and its two moments, where the default runs one pass per elementwise
@@ -356,6 +368,8 @@ class Run:
         self.train_began = time.time()
         for step, batch in global_batches(lengths, s.batch_size, s.seed, s.bucket_batches, self.start_step,
                                           self.total_steps):
+            if self.d.device.type == "cpu":
+                trim_heap()  # the last step's activations are freed by now
             self.step_began = time.time()
             yield step, batch
         self.bar.close()
