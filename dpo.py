@@ -37,7 +37,8 @@ from brevity.logprobs import response_logps
 from brevity.generation import response_seed
 from brevity.models import (DTYPES, check_model_dir, check_same_vocabulary, compute_dtype, load_model, load_tokenizer,
                             model_fingerprint, release_memory, safetensors_problem, sliding_window_below, text_config)
-from brevity.tokens import collate, collate_pairs, encode_prompts, encode_responses, fit_to_length, padding_id, vocab_sha256
+from brevity.tokens import (collate, collate_pairs, encode_prompts, encode_responses, fit_to_length, padding_id,
+                            vocab_sha256)
 from brevity.training import TrainSettings, adamw, all_reduce_sums, set_lr, start_training
 from losses import LOSSES, Objective, Term, loss_hyperparameters, objective_losses
 
@@ -290,9 +291,9 @@ def reference_logps(pairs: list[tuple], s: Settings, pad_id: int, d,
     reference = wrap_policy(load_model(name, DTYPES[s.dtype], s.trust_remote_code), d, s.chunk_size,
                             compute_dtype=compute)
     micro = s.batch_size // (d.world_size * s.grad_accum)  # the policy's rows: a pair, or its two sequences
-    logps = (response_logps(reference, pairs, micro, pad_id, d, per_token) if s.shared_prompt else
-             response_logps(reference, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], 2 * micro,
-                            pad_id, d, per_token))
+    examples, rows = ((pairs, micro) if s.shared_prompt else
+                      ([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], 2 * micro))
+    logps = response_logps(reference, examples, rows, pad_id, d, per_token)
     del reference
     release_memory()
     split = sum(len(c) for _, c, _ in pairs) if per_token else len(pairs)

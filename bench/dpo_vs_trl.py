@@ -104,7 +104,8 @@ class BenchSettings:
     threads: int = 2  # intra-op CPU threads for every run (OMP_NUM_THREADS and torch.set_num_threads)
     nproc: int = 1  # GPU only: dpo.py processes under torchrun (FSDP2); TRL runs on one device
     peak_tflops: float = 989.0  # GPU: per-device dense peak for MFU (H100 SXM bf16); on CPU the bench measures it
-    runs: str = "ours,ours_two_rows,ours_fp32,ours_compile,trl,trl_bf16,trl_precompute,trl_precompute_bf16"  # comma-separated
+    runs: str = ("ours,ours_two_rows,ours_fp32,ours_compile,"  # comma-separated
+                 "trl,trl_bf16,trl_precompute,trl_precompute_bf16")
     work_dir: str = "runs/bench_dpo"  # model, data and run outputs (rebuilt on every call)
     runner: str = ""  # internal: "trl" runs one TRL training in this process
     precompute: bool = False  # internal: TRL's precompute_ref_log_probs

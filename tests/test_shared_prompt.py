@@ -86,7 +86,8 @@ def test_dpo_trains_the_same_steps_with_and_without_shared_prompts(tiny_model_di
         s, h = dpo_settings(tiny_model_dir, tiny_prefs_jsonl, tmp_path / str(shared), "dpo", max_steps=3,
                             bucket_batches=1, shared_prompt=shared)
         dpo.main(s, h)
-        runs[shared] = [json.loads(line) for line in (tmp_path / str(shared) / "metrics.jsonl").read_text().splitlines()]
+        lines = (tmp_path / str(shared) / "metrics.jsonl").read_text().splitlines()
+        runs[shared] = [json.loads(line) for line in lines]
     for ours, theirs in zip(runs[True], runs[False], strict=True):
         for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm", "tokens"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (ours["step"], key)
