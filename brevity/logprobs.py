@@ -101,28 +101,31 @@ class SequenceLogps(torch.nn.Module):
     """A causal LM whose forward returns per-sequence response log-probs, float32 [S]
     (`sequence_logps`), or with `per_token` per-token ones [S, R] (`token_logps`, and its `sum_sq`),
     under autocast to `autocast_dtype` when given (the matrix multiplies and attention in that dtype,
-    the log-softmax and the sums in float32).
+    the log-softmax and the sums in float32). With `compute_copy` (`brevity.fsdp.ComputeCopy`), the
+    forward runs that lower-precision copy of `model`, and the gradients reach `model`'s parameters.
 
     Why a module: `sequence_logps` calls the decoder and the LM head directly, never the LM's own
     forward, so under FSDP2 the LM's root parameters (embeddings, final norm, LM head) must belong
     to a module whose forward does run, for its hooks to gather them: this one, sharded as the root.
     """
 
-    def __init__(self, model, chunk_size: int = 1024, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model, chunk_size: int = 1024, autocast_dtype: torch.dtype | None = None, compute_copy=None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.autocast_dtype = autocast_dtype
+        self.compute_copy = compute_copy  # not a module: parameters() and state_dict() are the model's alone
 
     def forward(self, *batch, per_token: bool = False, sum_sq: bool = False):
         """`batch`: `collate`'s (input_ids, attention_mask, response_mask), or one `ResponseBatch`."""
         batch = batch[0] if len(batch) == 1 else response_batch(*batch)
         autocast = (torch.autocast(batch.input_ids.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
+        model = self.compute_copy.module() if self.compute_copy else self.model
         with autocast:
             if per_token:
-                return token_logps(self.model, batch, chunk_size=self.chunk_size, sum_sq=sum_sq)
-            return sequence_logps(self.model, batch, chunk_size=self.chunk_size)
+                return token_logps(model, batch, chunk_size=self.chunk_size, sum_sq=sum_sq)
+            return sequence_logps(model, batch, chunk_size=self.chunk_size)
 
 
 @torch.no_grad()
