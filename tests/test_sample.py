@@ -193,6 +193,18 @@ def test_stream_gumbel_is_its_defining_formula_bit_for_bit():
         assert torch.equal(generation.stream_gumbel(seeds, step, 1000), defined(seeds, step, 1000))
 
 
+@pytest.mark.parametrize("temperature, rows", [(1.0, None), (0.7, [6, 0, 3, 4, 5])])
+def test_the_sampler_draws_the_same_tokens_a_few_rows_at_a_time(monkeypatch, temperature, rows):
+    """The sampler makes its noise a few rows at a time (to stay in cache): the tokens are argmax(logits / T
+    + g) over the whole batch's noise, whatever the chunk, for the rows still in the batch too."""
+    seeds = torch.tensor([generation.response_seed(0, i, 0) for i in range(7)])
+    live = seeds if rows is None else seeds[rows]
+    logits = torch.randn(len(live), 1000, generator=torch.Generator().manual_seed(0))
+    whole = ((logits / temperature).double() + generation.stream_gumbel(live, 3, 1000)).argmax(-1)
+    monkeypatch.setattr(generation, "NOISE_ELEMENTS", 2000)  # two rows at a time, the last one alone
+    assert torch.equal(generation.SeededSampler(seeds, temperature)(logits, 3, rows), whole)
+
+
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 def test_preallocated_kv_cache_gives_the_scores_of_transformers_own_cache(policy_dir):
     """Left-padded prompts of different lengths, greedy: every step's scores with the in-place cache
