@@ -64,8 +64,10 @@ class ComputeCopy:
 
 def _adds_into(master: torch.nn.Parameter):
     def hook(param: torch.nn.Parameter) -> None:
-        grad = param.grad.to(master.dtype)
-        master.grad = grad if master.grad is None else master.grad.add_(grad)
+        if master.grad is None:
+            master.grad = param.grad.to(master.dtype)
+        else:  # in place, each element widened exactly: no float32 temporary of the whole gradient
+            master.grad.add_(param.grad)
         param.grad = None
 
     return hook
